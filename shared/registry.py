@@ -1,0 +1,65 @@
+"""Name -> callable registries, so configs pick implementations by name."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T", bound=Callable)
+
+
+class Registry(Generic[T]):
+    """A mapping from names to callables with an error that lists the valid names.
+
+    >>> SCORES = Registry("score")
+    >>> @SCORES.register("magnitude")
+    ... def magnitude(...): ...
+    """
+
+    def __init__(self, kind: str, allow_import: bool = False) -> None:
+        self.kind = kind
+        self.allow_import = allow_import
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(fn: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = fn
+            return fn
+
+        return decorator
+
+    def get(self, name: str) -> T:
+        """The callable registered as `name`, or `package.module:callable` when imports are allowed."""
+        if name in self._items:
+            return self._items[name]
+        if self.allow_import and ":" in name:
+            return import_callable(name, self.kind)
+        hint = " (or package.module:callable)" if self.allow_import else ""
+        raise ValueError(f"Unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}{hint}")
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def import_callable(spec: str, kind: str = "callable") -> Callable:
+    """Import `package.module:attr`, with a one-line error naming what failed."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{kind} {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"{kind} {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(fn):
+        raise ValueError(f"{kind} {spec!r} is not callable")
+    return fn
