@@ -1,0 +1,62 @@
+"""Per-process client state: the validated config, the data of this node, a model factory.
+
+A simulation process serves many virtual clients, so the dataset is loaded once
+per process and each client's partition is cut on demand from the seed (lazy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Iterable
+
+import torch
+from flwr.app import Context
+
+from shared.config import Config, from_flat
+from shared.data import DataBundle, batches, load_dataset
+from shared.models import build_model
+from shared.partition import ClientData, client_data
+
+
+@dataclass
+class ClientRuntime:
+    config: Config
+    bundle: DataBundle
+    data: ClientData
+    partition_id: int
+
+    def new_model(self) -> torch.nn.Module:
+        c = self.config
+        return build_model(c.model.name, self.bundle.num_classes, self.bundle.input_shape, c.model.width, c.seed)
+
+    def train_batches(self, seed: int) -> Callable[[int], Iterable]:
+        """Shuffled local training batches for epoch e, reproducible from (seed, e)."""
+        d, bs = self.data, self.config.fl.batch_size
+        return lambda epoch: batches(self.bundle, d.x_train, d.y_train, bs, True, seed * 1009 + epoch)
+
+    def holdout_batches(self) -> list:
+        d = self.data
+        return list(batches(self.bundle, d.x_holdout, d.y_holdout, self.config.fl.batch_size, False, 0))
+
+
+def client_runtime(context: Context) -> ClientRuntime:
+    """Parse the run config once per process (the entry point of config on the client side)."""
+    flat = tuple(sorted(context.run_config.items()))
+    node = context.node_config
+    return _runtime(flat, int(node["partition-id"]), int(node["num-partitions"]))
+
+
+@lru_cache(maxsize=64)
+def _runtime(flat: tuple, partition_id: int, num_partitions: int) -> ClientRuntime:
+    torch.set_num_threads(1)
+    config = from_flat(dict(flat))
+    if num_partitions != config.fl.num_clients:
+        raise ValueError(
+            f"this node belongs to a federation of {num_partitions} partitions but fl.num_clients="
+            f"{config.fl.num_clients}; start the federation with num-supernodes={config.fl.num_clients}"
+        )
+    d = config.dataset
+    bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
+    data = client_data(bundle, config.fl.num_clients, partition_id, d.partition, d.alpha, d.holdout, config.seed)
+    return ClientRuntime(config, bundle, data, partition_id)

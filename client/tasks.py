@@ -1,0 +1,119 @@
+"""What a client does for each message type: plain functions over records, `shared/` and torch.
+
+Each task takes the client runtime, the message content and the node's persistent
+state, and returns the reply content. The node keeps the last masks it received in
+its state, so the server sends a layer's mask only when it changed.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from client.runtime import ClientRuntime
+from shared import codec, protocol as p
+from shared.batchnorm import bn_stats_from_tensors, bn_stats_to_tensors, load_stats, recalibrate
+from shared.training import evaluate as evaluate_model
+from shared.training import local_scores, train_masked
+
+MASK_STATE = "fedtiny-masks"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised when the server's fault drill asks this client to fail (simulation.fail_fraction)."""
+
+
+def hello(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    return _reply(metrics={p.PARTITION: rt.partition_id, p.NUM_EXAMPLES: len(rt.data.y_train)})
+
+
+def scores(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    cfg = content[p.CONFIG]
+    model, _ = _load_model(rt, content[p.PAYLOAD][p.MODEL], state)
+    batch_list = list(rt.train_batches(int(cfg["seed"]))(0))[: int(cfg["batches"])]
+    local = local_scores(model, str(cfg["score"]), batch_list, int(cfg["seed"]))
+    n = sum(len(y) for _, y in batch_list)
+    return _reply(payload={p.SCORE_TENSORS: codec.encode(local)}, metrics={p.NUM_EXAMPLES: n})
+
+
+def bn_stats(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    """Recalibrate BN statistics of every candidate on the held-out split (FedTiny ABNS step 2)."""
+    holdout = rt.holdout_batches()
+    out = []
+    for blob in content[p.PAYLOAD][p.CANDIDATE_MODELS]:
+        model = _candidate_model(rt, blob)
+        out.append(codec.encode(bn_stats_to_tensors(recalibrate(model, holdout))))
+    return _reply(payload={p.BN_STATS: out}, metrics={p.NUM_EXAMPLES: len(rt.data.y_holdout)})
+
+
+def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    """Held-out loss of every candidate with its pooled BN statistics (FedTiny ABNS step 4)."""
+    holdout = rt.holdout_batches()
+    payload = content[p.PAYLOAD]
+    sums = []
+    for blob, bn_blob in zip(payload[p.CANDIDATE_MODELS], payload[p.BN_STATS], strict=True):
+        model = _candidate_model(rt, blob)
+        load_stats(model, bn_stats_from_tensors(codec.decode(bn_blob)[0]))
+        sums.append(evaluate_model(model, holdout).loss_sum)
+    return _reply(metrics={p.LOSS_SUMS: sums, p.NUM_EXAMPLES: len(rt.data.y_holdout)})
+
+
+def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    """Masked local training; pruned weights stay zero; top-k gradients of pruned positions when asked."""
+    cfg = content[p.CONFIG]
+    if cfg.get("fail", False):
+        raise InjectedFailure(f"client {rt.partition_id} failed on purpose (simulation.fail_fraction)")
+    model, masks = _load_model(rt, content[p.PAYLOAD][p.MODEL], state)
+    names = list(cfg.get("adjust-names", []))
+    grad_layers = dict(zip(names, (int(k) for k in cfg.get("adjust-k", [])), strict=True)) or None
+    f = rt.config.fl
+    result = train_masked(
+        model, masks or None, rt.train_batches(int(cfg["seed"])), int(cfg["epochs"]), float(cfg["lr"]),
+        f.momentum, f.weight_decay, grad_layers,
+    )
+    payload = {p.UPDATE: codec.encode(model.state_dict(), masks, send_masks=False)}
+    if result.topk:
+        params = dict(model.named_parameters())
+        parts = {n: (idx, val, tuple(params[n].shape)) for n, (idx, val) in result.topk.items()}
+        payload[p.TOPK] = codec.encode_sparse(parts)
+    return _reply(payload=payload, metrics={p.NUM_EXAMPLES: result.num_examples, p.LOSS: result.loss})
+
+
+def evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
+    model, _ = _load_model(rt, content[p.PAYLOAD][p.MODEL], state)
+    res = evaluate_model(model, rt.holdout_batches())
+    return _reply(metrics={p.NUM_EXAMPLES: res.count, p.LOSS: res.loss, p.ACCURACY: res.accuracy})
+
+
+def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torch.nn.Module, dict]:
+    """Decode the global model with the masks this node already holds, and remember new masks."""
+    known = _stored_masks(state)
+    tensors, masks = codec.decode(blob, masks=known)
+    if masks:
+        merged = {**known, **masks}
+        state[MASK_STATE] = ConfigRecord({"masks": codec.encode({n: m.to(torch.uint8) for n, m in merged.items()})})
+    model = rt.new_model()
+    model.load_state_dict(tensors)
+    return model, masks
+
+
+def _stored_masks(state: RecordDict) -> dict[str, torch.Tensor]:
+    if MASK_STATE not in state:
+        return {}
+    tensors, _ = codec.decode(state[MASK_STATE]["masks"])
+    return {n: t.bool() for n, t in tensors.items()}
+
+
+def _candidate_model(rt: ClientRuntime, blob: bytes) -> torch.nn.Module:
+    tensors, _ = codec.decode(blob)
+    model = rt.new_model()
+    model.load_state_dict(tensors)
+    return model
+
+
+def _reply(payload: dict | None = None, metrics: dict | None = None) -> RecordDict:
+    content = RecordDict()
+    if payload:
+        content[p.PAYLOAD] = ConfigRecord(payload)
+    content[p.METRICS] = MetricRecord(metrics or {})
+    return content

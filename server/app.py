@@ -1,0 +1,98 @@
+"""The fedtiny ServerApp: parse the run config once, run the chosen method, write the outputs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server import loop
+from server.context import RunContext
+from server.fleet import Fleet
+from server.methods import METHODS
+from server.recorder import Recorder, plot
+from shared import codec
+from shared.accounting import count_parameters, flops, model_size
+from shared.config import Config, from_flat, to_yaml
+from shared.data import load_dataset
+from shared.pruning import layer_densities
+
+app = ServerApp()
+log = logging.getLogger("fedtiny")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    torch.set_num_threads(1)
+    config = from_flat(context.run_config)
+    run(grid, config)
+
+
+def output_dir(config: Config) -> Path:
+    if config.output_dir:
+        return Path(config.output_dir).expanduser().resolve()
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return (Path.cwd() / "outputs" / f"{stamp}-{config.method}").resolve()
+
+
+def run(grid: Grid, config: Config) -> Path:
+    """Run one federated job on `grid` and write its outputs; returns the output directory."""
+    out = output_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(config))
+    d = config.dataset
+    recorder = Recorder(config.fl.rounds)
+    recorder.note(f"output directory {out}")
+    bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
+    fleet = Fleet(grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout)
+    ctx = RunContext(config, fleet, bundle, recorder, out)
+    try:
+        fleet.register()
+        method = METHODS.get(config.method)(ctx)
+        gm = loop.run_training(ctx, method)
+        federated = loop.federated_evaluation(ctx, gm)
+        ctx.totals(fleet.traffic.take())
+    except Exception as exc:
+        recorder.summary = {"error": f"{type(exc).__name__}: {exc}"}
+        recorder.write(out)
+        raise
+    recorder.summary = summarize(ctx, gm, method, federated)
+    recorder.write(out)
+    codec.save(out / "model.ftc", gm.state, gm.masks or None)
+    plot(out, recorder.rounds, layer_densities(gm.masks) if gm.masks else {})
+    recorder.note(
+        f"done: accuracy={recorder.summary['accuracy']:.4f} density={recorder.summary['density']:.4f} "
+        f"bytes={ctx.bytes_up + ctx.bytes_down} dense_bytes={ctx.dense_bytes_up + ctx.dense_bytes_down} -> {out}"
+    )
+    return out
+
+
+def summarize(ctx: RunContext, gm, method, federated: dict) -> dict:
+    model = ctx.new_model()
+    model.load_state_dict(gm.state)
+    masks = gm.masks or None
+    final = ctx.recorder.rounds[-1]
+    return {
+        "method": ctx.config.method,
+        "accuracy": final.accuracy,
+        "loss": final.loss,
+        "density": gm.density,
+        "bytes_up": ctx.bytes_up,
+        "bytes_down": ctx.bytes_down,
+        "dense_bytes_up": ctx.dense_bytes_up,
+        "dense_bytes_down": ctx.dense_bytes_down,
+        "bytes_ratio": (ctx.bytes_up + ctx.bytes_down) / max(1, ctx.dense_bytes_up + ctx.dense_bytes_down),
+        "client_failures": ctx.failures,
+        "wall_seconds": time.monotonic() - ctx.recorder.started,
+        "parameters": count_parameters(model, masks),
+        "flops": flops(model, ctx.bundle.input_shape, masks),
+        "model_size": model_size(model, masks),
+        "candidates": method.summary.get("candidates", []),
+        "selected": method.summary.get("selected"),
+        **federated,
+    }

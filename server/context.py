@@ -1,0 +1,68 @@
+"""Everything a method needs during a run, built once from the validated config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.fleet import Fleet, Traffic
+from server.recorder import Recorder
+from shared.config import Config
+from shared.data import DataBundle, batches
+from shared.models import build_model, prunable_blocks, prunable_parameters
+from shared.training import EvalResult, evaluate
+
+
+@dataclass
+class RunContext:
+    config: Config
+    fleet: Fleet
+    bundle: DataBundle
+    recorder: Recorder
+    output_dir: Path
+    rng: np.random.Generator = field(init=False)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    dense_bytes_up: int = 0
+    dense_bytes_down: int = 0
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.config.seed)
+
+    def totals(self, traffic: Traffic) -> None:
+        self.bytes_up += traffic.up
+        self.bytes_down += traffic.down
+        self.failures += len(traffic.failures)
+
+    def dense_traffic(self, sampled: int, replied: int, model_bytes: int) -> None:
+        """What dense FedAvg would have sent for the same sampled and replying clients."""
+        self.dense_bytes_down += sampled * model_bytes
+        self.dense_bytes_up += replied * model_bytes
+
+    def new_model(self) -> torch.nn.Module:
+        c = self.config
+        return build_model(c.model.name, self.bundle.num_classes, self.bundle.input_shape, c.model.width, c.seed)
+
+    def prunable(self, model: torch.nn.Module) -> list[str]:
+        """Names of the weights that may be pruned (the first layer stays dense if configured)."""
+        names = prunable_parameters(model)
+        return names[1:] if self.config.pruning.keep_first_dense else names
+
+    def blocks(self, model: torch.nn.Module) -> list[list[str]]:
+        keep = set(self.prunable(model))
+        return [b for b in ([n for n in block if n in keep] for block in prunable_blocks(model)) if b]
+
+    def client_seed(self, round_: int, node_id: int) -> int:
+        """A seed for a client's local work, reproducible from (seed, round, partition)."""
+        part = self.fleet.partition_of.get(node_id, 0)
+        return int(np.random.SeedSequence([self.config.seed, round_, part]).generate_state(1)[0] % (2**31))
+
+    def evaluate_central(self, state: dict[str, torch.Tensor]) -> EvalResult:
+        model = self.new_model()
+        model.load_state_dict(state)
+        b = self.bundle
+        return evaluate(model, batches(b, b.x_test, b.y_test, 256, False, 0))

@@ -1,0 +1,165 @@
+"""The server's view of the clients: registration, seeded sampling, and message rounds.
+
+Every exchange counts the payload bytes it sends and receives, logs client errors
+with the node id and reason, and never waits forever: a round whose replies fall
+below `fl.min_replies` is retried with fresh clients a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from shared import protocol as p
+
+log = logging.getLogger("fedtiny")
+MAX_RETRIES = 3
+REGISTRATION_TIMEOUT_S = 600.0
+
+
+class NotEnoughReplies(RuntimeError):
+    """A round did not get `fl.min_replies` of its sampled clients even after retries."""
+
+
+@dataclass
+class Reply:
+    node_id: int
+    content: RecordDict
+    bytes_up: int
+    decoded: Any = None  # filled by a round's `accept` check, so payloads are decoded once
+
+
+@dataclass
+class Traffic:
+    """Payload bytes on the wire, both ways, and client failures, since the last `take()`."""
+
+    up: int = 0
+    down: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def take(self) -> "Traffic":
+        out = Traffic(self.up, self.down, list(self.failures))
+        self.up, self.down, self.failures = 0, 0, []
+        return out
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of codec payloads in a message (the only large content we send)."""
+    if p.PAYLOAD not in content:
+        return 0
+    total = 0
+    for value in content[p.PAYLOAD].values():
+        total += sum(len(v) for v in value) if isinstance(value, list) else len(value)
+    return total
+
+
+class Fleet:
+    def __init__(self, grid: Grid, num_clients: int, min_replies: float, timeout: float) -> None:
+        self.grid = grid
+        self.num_clients = num_clients
+        self.min_replies = min_replies
+        self.timeout = timeout
+        self.traffic = Traffic()
+        self.partition_of: dict[int, int] = {}
+        self.examples_of: dict[int, int] = {}
+        self._by_partition: list[int] = []
+
+    def register(self) -> None:
+        """Wait for all nodes, then learn each node's partition so sampling is reproducible by seed."""
+        deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
+        while len(nodes := sorted(self.grid.get_node_ids())) < self.num_clients:
+            if time.monotonic() > deadline:
+                raise NotEnoughReplies(f"only {len(nodes)} of fl.num_clients={self.num_clients} nodes connected")
+            time.sleep(0.2)
+        replies = self.exchange({n: RecordDict() for n in nodes}, p.HELLO)
+        for r in replies:
+            metrics = r.content[p.METRICS]
+            self.partition_of[r.node_id] = int(metrics[p.PARTITION])
+            self.examples_of[r.node_id] = int(metrics[p.NUM_EXAMPLES])
+        self._by_partition = sorted(self.partition_of, key=self.partition_of.__getitem__)
+        log.info("registered %d nodes", len(self._by_partition))
+
+    def sample(self, k: int, rng: np.random.Generator, exclude: set[int] = frozenset()) -> list[int]:
+        pool = [n for n in self._by_partition if n not in exclude]
+        if not pool:
+            return []
+        picks = rng.choice(len(pool), size=min(k, len(pool)), replace=False)
+        return [pool[i] for i in sorted(picks)]
+
+    def exchange(self, requests: dict[int, RecordDict], message_type: str) -> list[Reply]:
+        """Send one message per node and collect the replies that arrive in time; errors are logged."""
+        messages = []
+        for node_id, content in requests.items():
+            self.traffic.down += payload_bytes(content)
+            messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
+        replies = []
+        answered = set()
+        for msg in self.grid.send_and_receive(messages, timeout=self.timeout):
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self._fail(node, message_type, _last_line(msg.error.reason))
+                continue
+            size = payload_bytes(msg.content)
+            self.traffic.up += size
+            replies.append(Reply(node, msg.content, size))
+        for node in set(requests) - answered:
+            self._fail(node, message_type, f"no reply within fl.round_timeout={self.timeout:g}s")
+        return sorted(replies, key=lambda r: self.partition_of.get(r.node_id, r.node_id))
+
+    def round(
+        self,
+        k: int,
+        message_type: str,
+        build: Callable[[int], RecordDict],
+        rng: np.random.Generator,
+        accept: Callable[[Reply], str | None] = lambda r: None,
+    ) -> tuple[list[int], list[Reply]]:
+        """Sample k clients, exchange, and retry with fresh clients until min_replies of k answered.
+
+        `accept` returns a reason to reject a reply (logged, not aggregated) or None.
+        Returns the sampled node ids and the accepted replies.
+        """
+        needed = max(1, math.ceil(self.min_replies * k))
+        sampled: list[int] = []
+        accepted: list[Reply] = []
+        for attempt in range(MAX_RETRIES + 1):
+            nodes = self.sample(k - len(accepted), rng, exclude=set(sampled))
+            if not nodes:
+                break
+            sampled += nodes
+            for reply in self.exchange({n: build(n) for n in nodes}, message_type):
+                reason = accept(reply)
+                if reason is None:
+                    accepted.append(reply)
+                else:
+                    self._fail(reply.node_id, message_type, f"rejected update: {reason}")
+            if len(accepted) >= needed:
+                return sampled, accepted
+            log.warning("%s: %d of %d replies (need %d); retrying with fresh clients", message_type, len(accepted), k, needed)
+        raise NotEnoughReplies(
+            f"{message_type}: only {len(accepted)} usable replies from {len(sampled)} clients, need {needed} "
+            "(check client errors above; lower fl.min_replies or raise fl.round_timeout)"
+        )
+
+    def _fail(self, node: int, message_type: str, reason: str) -> None:
+        part = self.partition_of.get(node, "?")
+        line = f"node {node} (partition {part}) {message_type}: {reason}"
+        log.warning(line)
+        self.traffic.failures.append(line)
+
+
+def config_record(**values) -> ConfigRecord:
+    return ConfigRecord({k: v for k, v in values.items() if v is not None})
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "client error"

@@ -1,0 +1,62 @@
+"""The global sparse model and what each node already knows of its masks.
+
+The mask of a layer is sent to a node only when it changed since that node last
+received it; otherwise only the values of active weights travel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shared import codec
+from shared.pruning import density
+
+Tensors = dict[str, torch.Tensor]
+
+
+class GlobalModel:
+    def __init__(self, state: Tensors, masks: Tensors | None = None) -> None:
+        self.state = {k: v.detach().clone() for k, v in state.items()}
+        self.masks: Tensors = {}
+        self.version = 0
+        self.layer_version: dict[str, int] = {}
+        self.node_version: dict[int, int] = {}
+        if masks:
+            self.set_masks(masks)
+
+    def set_masks(self, masks: Tensors) -> list[str]:
+        """Install new masks (pruned weights zeroed); returns the names whose mask changed."""
+        changed = [n for n, m in masks.items() if n not in self.masks or not torch.equal(m, self.masks[n])]
+        changed += [n for n in self.masks if n not in masks]
+        if changed:
+            self.version += 1
+            for name in changed:
+                self.layer_version[name] = self.version
+        self.masks = {n: m.clone() for n, m in masks.items()}
+        for name, mask in self.masks.items():
+            self.state[name] = self.state[name] * mask
+        return changed
+
+    @property
+    def density(self) -> float:
+        return density(self.masks) if self.masks else 1.0
+
+    def payload_for(self, node_id: int | None) -> bytes:
+        """Values of active weights, plus the masks this node does not have yet."""
+        known = self.node_version.get(node_id) if node_id is not None else None
+        if known is None:
+            send = True
+        else:
+            send = [n for n in self.masks if self.layer_version.get(n, 0) > known]
+        return codec.encode(self.state, self.masks or None, send_masks=send)
+
+    def delivered(self, node_id: int) -> None:
+        """The node replied successfully, so it holds the current masks."""
+        self.node_version[node_id] = self.version
+
+    def forget(self, node_id: int) -> None:
+        self.node_version.pop(node_id, None)
+
+    def dense_bytes(self) -> int:
+        """What dense FedAvg sends for this model, each way, per client."""
+        return len(codec.encode(self.state))

@@ -1,0 +1,177 @@
+"""Run the ServerApp and ClientApp in Flower's Ray-backed simulation, through `flwr run`.
+
+Each run gets its own SuperLink on free ports and its own FLWR_HOME inside the output
+directory, so runs (and tests) never collide, and every process is stopped at the
+end, also on Ctrl-C or failure. `flwr run` exits 0 even when a run failed, so success
+is judged by the run's own metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from server.recorder import PROGRESS_PREFIX
+from shared.config import Config, to_flat
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ROUND_LINE = re.compile(re.escape(PROGRESS_PREFIX) + r" round (\d+)/(\d+) (.*)")
+
+
+class RunFailed(RuntimeError):
+    """The federated run did not produce a summary (the reason is in its output and logs)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_run_config(config: Config, path: Path) -> None:
+    """Flower's run config as TOML: flat dotted keys, scalar values."""
+    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in to_flat(config).items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def flower_env(flwr_home: Path, http_port: int, control_port: int, ray_address: str = "") -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return env
+
+
+@contextmanager
+def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen]:
+    """A simulation SuperLink of our own, stopped with its whole process group on exit."""
+    cmd = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
+        "--host", "127.0.0.1", "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
+        "--fleet-api-address", f"127.0.0.1:{free_port()}",
+        "--log-file", str(log_file),
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_port(int(env["FLWR_LOCAL_CONTROL_API_PORT"]), proc, log_file)
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RunFailed(f"flower-superlink exited with code {proc.returncode}; see {log_file}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RunFailed(f"flower-superlink did not start within {timeout:.0f}s; see {log_file}")
+
+
+def federation_config(config: Config) -> str:
+    s = config.simulation
+    parts = [f"num-supernodes={config.fl.num_clients}", f"client-resources-num-cpus={s.cpus_per_client:g}"]
+    if not s.ray_address:
+        parts.append(f"init-args-num-cpus={s.num_cpus}")
+    return " ".join(parts)
+
+
+def simulate(config: Config, out: Path, progress: bool = True, echo: bool = True) -> dict:
+    """Run `config` in simulation, writing outputs to `out`; returns metrics.json's content."""
+    out.mkdir(parents=True, exist_ok=True)
+    flwr_home = out / ".flwr"
+    flwr_home.mkdir(exist_ok=True)
+    run_config = out / "run_config.toml"
+    write_run_config(config, run_config)
+    env = flower_env(flwr_home, free_port(), free_port(), config.simulation.ray_address)
+    cmd = [
+        "flwr", "run", str(PROJECT_ROOT), "--stream",
+        "--run-config", str(run_config), "--federation-config", federation_config(config),
+    ]
+    log_path = out / "run.log"
+    with local_superlink(env, flwr_home / "superlink.log"), open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            _follow(proc, log, config.fl.rounds, progress, echo)
+        finally:
+            stop_group(proc)
+    metrics_path = out / "metrics.json"
+    if not metrics_path.exists():
+        raise RunFailed(f"the run wrote no metrics.json; see {log_path} and {flwr_home / 'superlink.log'}")
+    metrics = json.loads(metrics_path.read_text())
+    if "error" in metrics.get("summary", {}) or "accuracy" not in metrics.get("summary", {}):
+        raise RunFailed(f"the run failed: {metrics['summary'].get('error', 'no summary')}; see {log_path}")
+    return metrics
+
+
+def _follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool) -> None:
+    """Stream Flower's output to the log; show our progress lines and a live bar."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=rounds, unit="round", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            text = _strip_ansi(line).rstrip()
+            if PROGRESS_PREFIX not in text:
+                continue
+            text = text[text.index(PROGRESS_PREFIX):]
+            if echo:
+                (bar.write(text) if bar else print(text, flush=True))
+            match = ROUND_LINE.match(text)
+            if bar and match:
+                bar.n = int(match.group(1))
+                bar.refresh()
+        proc.wait()
+    finally:
+        if bar:
+            bar.close()
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

@@ -1,0 +1,112 @@
+"""The federated training loop every method shares: sample, send, check, aggregate, evaluate, record.
+
+A method (server.methods) decides the starting masks and what happens around each
+round (FedTiny's progressive prune/grow, PruneFL's re-masking, ...).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from server.aggregate import weighted_average
+from server.context import RunContext
+from server.fleet import Reply, config_record
+from server.global_model import GlobalModel
+from server.recorder import RoundRecord
+from shared import codec, protocol as p
+
+
+def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: dict, failing: set[int]) -> RecordDict:
+    f = ctx.config.fl
+    cfg = config_record(round=t, seed=ctx.client_seed(t, node), epochs=f.local_epochs, lr=f.lr, fail=node in failing)
+    for key, value in extra.items():
+        cfg[key] = value
+    return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node)})})
+
+
+def check_update(gm: GlobalModel, reply: Reply) -> str | None:
+    """Decode a client's update against the global masks; a reason to reject it, or None."""
+    try:
+        tensors, _ = codec.decode(reply.content[p.PAYLOAD][p.UPDATE], masks=gm.masks)
+        num_examples = int(reply.content[p.METRICS][p.NUM_EXAMPLES])
+    except (KeyError, ValueError, TypeError) as exc:
+        return f"undecodable update ({exc})"
+    if set(tensors) != set(gm.state):
+        return "layer names differ from the global model"
+    for name, value in tensors.items():
+        if value.shape != gm.state[name].shape:
+            return f"shape of {name} is {tuple(value.shape)}, expected {tuple(gm.state[name].shape)}"
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            return f"non-finite values in {name}"
+    if num_examples <= 0:
+        return f"num-examples={num_examples}"
+    reply.decoded = tensors
+    return None
+
+
+def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
+    """Fault drill: the clients told to fail this round (simulation.fail_fraction)."""
+    frac = ctx.config.simulation.fail_fraction
+    if frac <= 0:
+        return set()
+    rng = np.random.default_rng([ctx.config.seed, t, 7])
+    return {n for n in candidates if rng.random() < frac}
+
+
+def training_round(ctx: RunContext, gm: GlobalModel, t: int, extra: dict) -> list[Reply]:
+    """One round of masked FedAvg; the global state is replaced by the aggregate."""
+    k = ctx.config.fl.clients_per_round
+    failing = failing_nodes(ctx, t, list(ctx.fleet.partition_of))
+    sampled, replies = ctx.fleet.round(
+        k, p.TRAIN, lambda n: train_message(ctx, gm, n, t, extra, failing), ctx.rng, lambda r: check_update(gm, r)
+    )
+    for node in sampled:
+        gm.forget(node)
+    for r in replies:
+        gm.delivered(r.node_id)
+    weights = [int(r.content[p.METRICS][p.NUM_EXAMPLES]) for r in replies]
+    gm.state = weighted_average([r.decoded for r in replies], weights, gm.masks or None)
+    ctx.dense_traffic(len(sampled), len(replies), gm.dense_bytes())
+    return replies
+
+
+def run_training(ctx: RunContext, method) -> GlobalModel:
+    start = time.monotonic()
+    gm = method.prepare(ctx)
+    record_round(ctx, gm, 0, "search" if ctx.fleet.traffic.down else "init", 0, start)
+    for t in range(1, ctx.config.fl.rounds + 1):
+        start = time.monotonic()
+        replies = training_round(ctx, gm, t, method.round_config(ctx, gm, t))
+        method.after_round(ctx, gm, t, replies)
+        record_round(ctx, gm, t, method.phase(t), len(replies), start)
+    return gm
+
+
+def record_round(ctx: RunContext, gm: GlobalModel, t: int, phase: str, clients: int, start: float) -> None:
+    result = ctx.evaluate_central(gm.state)
+    traffic = ctx.fleet.traffic.take()
+    ctx.totals(traffic)
+    ctx.recorder.add(
+        RoundRecord(
+            round=t, phase=phase, density=gm.density, accuracy=result.accuracy, loss=result.loss,
+            bytes_up=traffic.up, bytes_down=traffic.down, seconds=time.monotonic() - start,
+            clients=clients, failures=len(traffic.failures),
+        )
+    )
+
+
+def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
+    """Evaluate the final model on sampled clients' held-out splits (sample-weighted)."""
+    build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731
+    _, replies = ctx.fleet.round(ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.rng)
+    metrics = [r.content[p.METRICS] for r in replies]
+    n = sum(int(m[p.NUM_EXAMPLES]) for m in metrics)
+    return {
+        "federated_accuracy": sum(float(m[p.ACCURACY]) * int(m[p.NUM_EXAMPLES]) for m in metrics) / n,
+        "federated_loss": sum(float(m[p.LOSS]) * int(m[p.NUM_EXAMPLES]) for m in metrics) / n,
+        "federated_clients": len(replies),
+    }

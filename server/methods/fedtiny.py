@@ -1,0 +1,97 @@
+"""FedTiny: adaptive BN selection, then progressive layer-wise prune/grow under a memory budget.
+
+Huang et al., "Distributed Pruning Towards Tiny Neural Networks in Federated Learning",
+ICDCS 2023, https://arxiv.org/abs/2212.01977.
+
+Every `fedtiny.adjust_interval` rounds until T_end = `fedtiny.end_fraction` x rounds,
+one block of layers (output side first, cycling inwards) is adjusted: clients send
+only the top-k_l gradients of that block's pruned positions, k_l = ceil(alpha_t x nnz_l)
+with alpha_t cosine-decayed over rounds; the server merges them, drops the k_l
+smallest active weights and grows the k_l largest merged gradients (new weights 0).
+Client config keys: ``adjust-names`` (list of layer names), ``adjust-k`` (list of k_l).
+"""
+
+from __future__ import annotations
+
+import math
+
+from server import policy_search
+from server.context import RunContext
+from server.fleet import Reply
+from server.global_model import GlobalModel
+from server.methods.base import METHODS, Method
+from shared import codec, protocol as p
+from shared.data import batches
+from shared.partition import server_warmup_set
+from shared.pruning.prune_grow import merge_sparse, prune_grow
+from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
+from shared.training import warmup
+
+
+@METHODS.register("fedtiny")
+class FedTiny(Method):
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        self.adjustments = 0
+        self.pending: dict[str, int] = {}
+        self.t_end = math.floor(ctx.config.fedtiny.end_fraction * ctx.config.fl.rounds)
+
+    def prepare(self, ctx: RunContext) -> GlobalModel:
+        model = ctx.new_model()
+        server_warmup(ctx, model)
+        if ctx.config.pruning.density >= 1.0:
+            return GlobalModel(model.state_dict())
+        best, candidates = policy_search.search(ctx, model)
+        self.summary["candidates"] = [{"name": c.name, "loss": c.loss} for c in candidates]
+        self.summary["selected"] = best.name
+        ctx.recorder.note(f"policy search selected {best.name} among {len(candidates)} candidates")
+        self.blocks = ctx.blocks(model)
+        return GlobalModel(model.state_dict(), best.masks)
+
+    def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
+        self.pending = {}
+        c = ctx.config.fedtiny
+        if not (c.progressive and gm.masks and is_adjust_round(t, c.adjust_interval, self.t_end)):
+            return {}
+        block = block_for_adjustment(self.blocks, self.adjustments)
+        counts = adjust_counts(gm.masks, block, cosine_fraction(c.alpha, t, self.t_end))
+        self.pending = {n: k for n, k in counts.items() if k > 0}
+        if not self.pending:
+            return {}
+        return {"adjust-names": list(self.pending), "adjust-k": list(self.pending.values())}
+
+    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+        if not self.pending:
+            return
+        parts: dict[str, list] = {n: [] for n in self.pending}
+        senders = 0
+        for r in replies:
+            if p.TOPK not in r.content.get(p.PAYLOAD, {}):
+                continue
+            sparse = codec.decode_sparse(r.content[p.PAYLOAD][p.TOPK])
+            senders += 1
+            for name in self.pending:
+                if name in sparse:
+                    idx, val, _ = sparse[name]
+                    parts[name].append((idx, val))
+        if senders == 0:
+            return
+        grads = {n: merge_sparse(parts[n], gm.state[n].shape, senders) for n in self.pending}
+        weights = {n: gm.state[n] for n in self.pending}
+        masks, new_weights = prune_grow(weights, {n: gm.masks[n] for n in self.pending}, grads, self.pending)
+        gm.state.update(new_weights)
+        gm.set_masks({**gm.masks, **masks})
+        self.adjustments += 1
+
+    def phase(self, t: int) -> str:
+        return "adjust" if self.pending else "train"
+
+
+def server_warmup(ctx: RunContext, model) -> None:
+    """Optional dense pre-training on a tiny labelled server set drawn from the train split (never test)."""
+    c = ctx.config
+    if c.fedtiny.warmup_epochs <= 0:
+        return
+    x, y = server_warmup_set(ctx.bundle, c.fedtiny.warmup_shots, c.seed)
+    warmup(model, lambda e: batches(ctx.bundle, x, y, c.fl.batch_size, True, c.seed + e), c.fedtiny.warmup_epochs, c.fl.lr)
+    ctx.recorder.note(f"server warm-up: {c.fedtiny.warmup_epochs} epochs on {len(y)} examples")

@@ -1,0 +1,254 @@
+"""Models by name, and which of their weights are prunable, in forward order and in blocks.
+
+Every built-in model has batch norm (adaptive BN selection recalibrates it) and accepts any input
+size (adaptive pooling). A builder is `fn(num_classes, input_shape, width) -> nn.Module`, where
+`width` multiplies the channel counts.
+
+A user's own model: set `model.name` to `package.module:callable`; the callable is called with
+the keyword arguments `num_classes`, `input_shape` (C, H, W) and `width`, and returns an
+`nn.Module`. It may define `prunable_blocks() -> list[list[str]]` (groups of prunable parameter
+names in forward order, for progressive pruning); without it, blocks are its top-level children.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from shared.registry import Registry
+
+ModelBuilder = Callable[..., nn.Module]
+MODELS: Registry[ModelBuilder] = Registry("model", allow_import=True)
+
+PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _ch(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class CNN(nn.Module):
+    """A small CNN for 8x8 to 32x32 inputs: three conv-BN-ReLU layers, then linear-BN-ReLU-linear.
+
+    About 65 thousand weights at width 1; trains on a CPU in seconds on the digits data.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, hidden = _ch(32, width), _ch(64, width), _ch(128, width)
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, c1),
+            *_conv_bn_relu(c1, c2),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *_conv_bn_relu(c2, c2),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(c2, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+    def prunable_blocks(self) -> list[list[str]]:
+        """Each prunable layer is its own block."""
+        return [[name] for name in prunable_parameters(self)]
+
+
+VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """CIFAR-style VGG with batch norm (Simonyan & Zisserman, arXiv 1409.1556) and one linear classifier.
+
+    Max pooling uses ceil mode and the end is adaptive average pooling, so any input size works
+    (an 8x8 input reaches 1x1 and stays there).
+    """
+
+    def __init__(self, cfg: tuple, num_classes: int, in_channels: int, width: float = 1.0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in cfg:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                layers += _conv_bn_relu(channels, _ch(item, width))
+                channels = _ch(item, width)
+        layers.append(nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+    def prunable_blocks(self) -> list[list[str]]:
+        """Pairs of consecutive prunable layers (FedTiny adjusts VGG two layers per step)."""
+        names = prunable_parameters(self)
+        return [names[i : i + 2] for i in range(0, len(names), 2)]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN, identity or 1x1 conv-BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet (He et al., arXiv 1512.03385): 3x3 stem, no max pool, adaptive average pool."""
+
+    def __init__(self, blocks: tuple[int, ...], num_classes: int, in_channels: int, width: float = 1.0) -> None:
+        super().__init__()
+        stem = _ch(64, width)
+        self.conv1 = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        channels = stem
+        stages = []
+        for i, count in enumerate(blocks):
+            cout, stride = _ch(64 * 2**i, width), 1 if i == 0 else 2
+            stage = []
+            for j in range(count):
+                stage.append(BasicBlock(channels, cout, stride if j == 0 else 1))
+                channels = cout
+            stages.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+    def prunable_blocks(self) -> list[list[str]]:
+        """Stem, layer1..layer4 (each stage with its shortcut convs), fc."""
+        return _blocks_by_top_level(prunable_parameters(self))
+
+
+@MODELS.register("cnn")
+def cnn(num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0) -> nn.Module:
+    return CNN(num_classes, input_shape[0], width)
+
+
+@MODELS.register("vgg11")
+def vgg11(num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0) -> nn.Module:
+    return VGG(VGG11_CFG, num_classes, input_shape[0], width)
+
+
+@MODELS.register("resnet18")
+def resnet18(num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0) -> nn.Module:
+    return ResNet((2, 2, 2, 2), num_classes, input_shape[0], width)
+
+
+def build_model(
+    name: str, num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0, seed: int = 0
+) -> nn.Module:
+    """Model `name` (a MODELS key or `package.module:callable`), initialized from `seed`.
+
+    The global torch RNG is left as it was. Sets `model.input_shape` (used to find forward order).
+    """
+    if len(tuple(input_shape)) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
+    if width <= 0:
+        raise ValueError(f"model width must be > 0, got {width}")
+    builder = MODELS.get(name)
+    input_shape = tuple(int(s) for s in input_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = builder(num_classes=num_classes, input_shape=input_shape, width=width)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    model.input_shape = input_shape
+    return model
+
+
+def prunable_parameters(model: nn.Module) -> list[str]:
+    """Names of conv and linear weights, in forward order.
+
+    Forward order comes from hooks on one dummy input of `model.input_shape` (eval mode, no
+    gradients, training flag restored) when the model has that attribute, else registration order.
+    Layers never called in forward come last, in registration order.
+    """
+    params = dict(model.named_parameters())
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
+    names = [f"{name}.weight" for name, _ in modules]
+    input_shape = getattr(model, "input_shape", None)
+    if input_shape is not None:
+        order = _forward_order(model, modules, tuple(input_shape))
+        names = [f"{name}.weight" for name in order] + [n for n in names if n[: -len(".weight")] not in order]
+    seen: set[str] = set()
+    result = []
+    for n in names:
+        if n in params and n not in seen:  # tied weights appear once, under their first name
+            seen.add(n)
+            result.append(n)
+    return result
+
+
+def _forward_order(model: nn.Module, modules: list[tuple[str, nn.Module]], input_shape: tuple) -> list[str]:
+    order: list[str] = []
+    handles = []
+    for name, module in modules:
+
+        def hook(_module: nn.Module, _inputs: object, _output: object, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _blocks_by_top_level(names: list[str]) -> list[list[str]]:
+    """Group names by their top-level module, groups ordered by first appearance."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.split(".", 1)[0], []).append(name)
+    return list(groups.values())
+
+
+def prunable_blocks(model: nn.Module) -> list[list[str]]:
+    """Groups of prunable names for progressive pruning, in forward order.
+
+    Uses the model's own `prunable_blocks()` when defined, else groups by top-level child module.
+    Raises ValueError unless every prunable name is in exactly one block.
+    """
+    names = prunable_parameters(model)
+    own = getattr(model, "prunable_blocks", None)
+    blocks = [list(b) for b in own()] if callable(own) else _blocks_by_top_level(names)
+    flat = [n for block in blocks for n in block]
+    if sorted(flat) != sorted(names) or len(set(flat)) != len(flat) or any(not b for b in blocks):
+        raise ValueError(
+            f"{type(model).__name__}.prunable_blocks() must put every prunable weight in exactly one non-empty block"
+        )
+    return blocks

@@ -1,0 +1,184 @@
+"""Partition a dataset's training samples among simulated clients, deterministically by seed.
+
+The whole partition is one int32 array of owner ids (one entry per sample), cached in-process,
+so 10,000 simulated clients cost one array; a client's indices are computed when it needs them.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from shared.data import DataBundle
+from shared.registry import Registry
+
+MIN_SAMPLES = 2  # every client gets at least this many samples when N >= MIN_SAMPLES * num_clients
+
+PartitionFn = Callable[[np.ndarray, int, float, np.random.Generator], np.ndarray]
+PARTITIONS: Registry[PartitionFn] = Registry("partition")
+
+
+@PARTITIONS.register("iid")
+def iid(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Shuffled samples dealt round-robin: client sizes differ by at most one. `alpha` is unused."""
+    owners = np.empty(len(labels), dtype=np.int32)
+    owners[rng.permutation(len(labels))] = np.arange(len(labels)) % num_clients
+    return owners
+
+
+@PARTITIONS.register("dirichlet")
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Label skew: each class is split among the clients by proportions drawn from Dirichlet(alpha).
+
+    T.-M. H. Hsu, H. Qi, M. Brown, "Measuring the Effects of Non-Identical Data Distribution for
+    Federated Visual Classification", arXiv 1909.06335; this per-class form (proportions over
+    clients, one draw per class) is the one of Li et al., "Federated Learning on Non-IID Data
+    Silos: An Experimental Study", arXiv 2102.02079. Small alpha: each client sees few classes;
+    large alpha: close to iid.
+    """
+    owners = np.empty(len(labels), dtype=np.int32)
+    classes = np.unique(labels)
+    # Dirichlet via normalized gammas; a row whose gammas all underflow to zero falls back to uniform.
+    gammas = rng.standard_gamma(alpha, size=(len(classes), num_clients))
+    sums = gammas.sum(axis=1, keepdims=True)
+    proportions = np.where(sums > 0, gammas / np.where(sums > 0, sums, 1.0), 1.0 / num_clients)
+    for c, p in zip(classes, proportions):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        cuts = np.floor(np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
+        owners[idx] = np.searchsorted(cuts, np.arange(len(idx)), side="right")
+    return owners
+
+
+def partition_owners(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> np.ndarray:
+    """The owner (client id, int32) of every sample under `scheme` (a PARTITIONS key).
+
+    When there are at least 2 samples per client, every client gets at least 2 (one to train, one
+    to hold out): the shortfall is moved from the largest clients, deterministically.
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    labels = np.asarray(labels)
+    owners = PARTITIONS.get(scheme)(labels, num_clients, alpha, np.random.default_rng(seed))
+    if len(labels) >= MIN_SAMPLES * num_clients:
+        owners = _ensure_min_samples(owners, num_clients, np.random.default_rng([seed, 1]))
+    return owners
+
+
+def _ensure_min_samples(owners: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+    """Move samples from the currently largest clients (ties: lowest id) to clients below MIN_SAMPLES.
+
+    Needs len(owners) >= MIN_SAMPLES * num_clients, so the surplus above MIN_SAMPLES covers the
+    shortfall and a donor always keeps at least MIN_SAMPLES + 1 before giving.
+    """
+    counts = np.bincount(owners, minlength=num_clients)
+    shortfall = np.maximum(MIN_SAMPLES - counts, 0)
+    total = int(shortfall.sum())
+    if total == 0:
+        return owners
+    heap = [(-int(n), int(c)) for c, n in enumerate(counts) if n > MIN_SAMPLES]
+    heapq.heapify(heap)
+    gives = np.zeros(num_clients, dtype=np.int64)
+    for _ in range(total):
+        negative, client = heapq.heappop(heap)
+        gives[client] += 1
+        if -negative - 1 > MIN_SAMPLES:
+            heapq.heappush(heap, (negative + 1, client))
+    # Each donor gives its first samples in a random (seeded) order.
+    order = rng.permutation(len(owners))
+    by_owner = order[np.argsort(owners[order], kind="stable")]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    donors = np.flatnonzero(gives)
+    moved = np.concatenate([by_owner[starts[d] : starts[d] + gives[d]] for d in donors])
+    owners = owners.copy()
+    owners[moved] = np.repeat(np.arange(num_clients, dtype=np.int32), shortfall)
+    return owners
+
+
+def client_indices(owners: np.ndarray, client_id: int) -> np.ndarray:
+    """Sorted sample indices owned by `client_id`."""
+    return np.flatnonzero(owners == client_id)
+
+
+def split_holdout(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a client's indices into (train, holdout), both sorted; seeded.
+
+    The holdout (for adaptive BN selection and evaluation) gets round(fraction * n) samples,
+    at least 1 and at most n - 1 when the client has n >= 2 samples; none when n < 2.
+    """
+    n = len(indices)
+    n_holdout = min(max(int(round(fraction * n)), 1), n - 1) if n >= 2 else 0
+    shuffled = np.asarray(indices)[np.random.default_rng(seed).permutation(n)]
+    return np.sort(shuffled[n_holdout:]), np.sort(shuffled[:n_holdout])
+
+
+@dataclass
+class ClientData:
+    """One client's local training data and its held-out slice (arrays, not tensors)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_holdout: np.ndarray
+    y_holdout: np.ndarray
+
+
+_OWNERS_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_OWNERS_CACHE_SIZE = 4
+
+
+def cached_owners(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> np.ndarray:
+    """`partition_owners`, cached in-process per (labels array, num_clients, scheme, alpha, seed).
+
+    The cache keeps a reference to `labels`, so its identity cannot be reused while cached. The
+    returned array is read-only because it is shared.
+    """
+    key = (id(labels), len(labels), num_clients, scheme, float(alpha), seed)
+    hit = _OWNERS_CACHE.get(key)
+    if hit is not None and hit[0] is labels:
+        return hit[1]
+    owners = partition_owners(labels, num_clients, scheme, alpha, seed)
+    owners.setflags(write=False)
+    if len(_OWNERS_CACHE) >= _OWNERS_CACHE_SIZE:
+        _OWNERS_CACHE.pop(next(iter(_OWNERS_CACHE)))
+    _OWNERS_CACHE[key] = (labels, owners)
+    return owners
+
+
+def client_data(
+    bundle: DataBundle,
+    num_clients: int,
+    client_id: int,
+    scheme: str,
+    alpha: float,
+    holdout: float,
+    seed: int,
+) -> ClientData:
+    """Client `client_id`'s share of the training split, with its held-out slice."""
+    if not 0 <= client_id < num_clients:
+        raise ValueError(f"client_id {client_id} out of range for {num_clients} clients")
+    owners = cached_owners(bundle.y_train, num_clients, scheme, alpha, seed)
+    holdout_seed = int(np.random.SeedSequence([seed, client_id]).generate_state(1)[0])
+    train_idx, holdout_idx = split_holdout(client_indices(owners, client_id), holdout, holdout_seed)
+    return ClientData(
+        bundle.x_train[train_idx], bundle.y_train[train_idx], bundle.x_train[holdout_idx], bundle.y_train[holdout_idx]
+    )
+
+
+def server_warmup_set(bundle: DataBundle, shots_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A small labelled set for the server's optional warm-up: `shots_per_class` per class.
+
+    Drawn from the TRAIN split, never the test split (the FedTiny reference code draws it from the
+    test set, a leak). A class with fewer samples contributes all of them.
+    """
+    if shots_per_class < 1:
+        raise ValueError(f"shots_per_class must be >= 1, got {shots_per_class}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in np.unique(bundle.y_train):
+        idx = np.flatnonzero(bundle.y_train == c)
+        chosen.append(rng.choice(idx, size=min(shots_per_class, len(idx)), replace=False))
+    idx = np.sort(np.concatenate(chosen))
+    return bundle.x_train[idx], bundle.y_train[idx]

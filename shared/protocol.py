@@ -1,0 +1,36 @@
+"""Names on the wire between the ServerApp and the ClientApp (one place, no magic strings).
+
+A message's content is a RecordDict with a ConfigRecord ``config`` (scalars), a
+ConfigRecord ``payload`` (codec bytes only: nothing pickled, every byte counted)
+and, in replies, a MetricRecord ``metrics``.
+"""
+
+from __future__ import annotations
+
+# Message types
+HELLO = "query.hello"
+SCORES = "query.scores"
+BN = "query.bn"
+CANDIDATES = "query.candidates"
+TRAIN = "train"
+EVALUATE = "evaluate"
+
+# Records
+CONFIG = "config"
+PAYLOAD = "payload"
+METRICS = "metrics"
+
+# Payload keys (bytes or lists of bytes)
+MODEL = "model"  # codec: state dict, values of active weights, masks that changed
+UPDATE = "update"  # codec: trained state dict, values of active weights only
+TOPK = "topk"  # codec sparse: top-k gradients of pruned positions
+SCORE_TENSORS = "scores"  # codec: dense local importance scores
+CANDIDATE_MODELS = "candidates"  # list of codec payloads, one per candidate
+BN_STATS = "bn"  # list of codec payloads of BN statistics, one per candidate
+
+# Metric keys
+NUM_EXAMPLES = "num-examples"
+LOSS = "loss"
+ACCURACY = "accuracy"
+LOSS_SUMS = "loss-sums"
+PARTITION = "partition-id"

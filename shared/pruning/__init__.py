@@ -1,0 +1,85 @@
+"""Pruning: scores, density allocations, masks, prune/grow and schedules.
+
+``compute_masks`` is the one entry point for pruning at a target density; the server can also
+turn client-averaged scores into masks with ``masks_from_scores``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Collection, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from shared.pruning.allocation import ALLOCATIONS, keep_top
+from shared.pruning.masks import apply_masks, density, full_masks, layer_densities
+from shared.pruning.params import prunable_names
+from shared.pruning.scores import SCORES, average_scores
+
+__all__ = [
+    "ALLOCATIONS",
+    "SCORES",
+    "SYNFLOW_ITERATIONS",
+    "apply_masks",
+    "average_scores",
+    "compute_masks",
+    "density",
+    "full_masks",
+    "keep_top",
+    "layer_densities",
+    "masks_from_scores",
+    "prunable_names",
+]
+
+SYNFLOW_ITERATIONS = 100
+
+Batches = Sequence[tuple[Tensor, Tensor]]
+
+
+def masks_from_scores(
+    scores: Mapping[str, Tensor],
+    density: float,
+    allocation: str = "global",
+    seed: int = 0,
+    keep_dense: Collection[str] = (),
+) -> dict[str, Tensor]:
+    """Masks at exactly round(density * total) kept weights from `scores` (e.g. averaged over clients)."""
+    return ALLOCATIONS.get(allocation)(dict(scores), density, seed=seed, keep_dense=tuple(keep_dense))
+
+
+def compute_masks(
+    model: nn.Module,
+    density: float,
+    score: str = "magnitude",
+    allocation: str = "global",
+    batches: Batches | None = None,
+    seed: int = 0,
+    keep_dense: Collection[str] = (),
+    synflow_iterations: int = SYNFLOW_ITERATIONS,
+) -> dict[str, Tensor]:
+    """Masks for the prunable weights of `model` at `density` (exact up to rounding to one weight).
+
+    With ``score="synflow"`` pruning is iterative, as in Tanaka et al., "Pruning neural networks
+    without any data by iteratively conserving synaptic flow", arXiv 2006.05467: over
+    `synflow_iterations` steps the density follows density ** (i / iterations), and each step
+    re-scores the masked model (already pruned weights rank last, so masks only shrink). The
+    model itself is never changed.
+    """
+    score_fn = SCORES.get(score)
+    ALLOCATIONS.get(allocation)
+    names = prunable_names(model)
+    if score != "synflow":
+        scores = score_fn(model, names, batches=batches, seed=seed)
+        return masks_from_scores(scores, density, allocation, seed, keep_dense)
+    if synflow_iterations < 1:
+        raise ValueError(f"synflow_iterations must be >= 1, got {synflow_iterations}")
+    masked = copy.deepcopy(model)
+    masks = full_masks(masked, names)
+    masks_from_scores(masks, density, "uniform", seed, keep_dense)  # fail fast on an impossible budget
+    for i in range(1, synflow_iterations + 1):
+        apply_masks(masked, masks)
+        scores = score_fn(masked, names, batches=batches, seed=seed)
+        scores = {n: torch.where(masks[n], s, torch.full_like(s, -torch.inf)) for n, s in scores.items()}
+        masks = masks_from_scores(scores, density ** (i / synflow_iterations), allocation, seed, keep_dense)
+    return masks
