@@ -51,12 +51,11 @@ def _toml_value(value) -> str:
     return json.dumps(str(value))
 
 
-def flower_env(flwr_home: Path, http_port: int, control_port: int, ray_address: str = "") -> dict[str, str]:
+def flower_env(flwr_home: Path, http_port: int, ray_address: str = "") -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(http_port)
-    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
@@ -67,17 +66,15 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int, ray_address: 
 
 @contextmanager
 def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen]:
-    """A simulation SuperLink of our own, stopped with its whole process group on exit."""
+    """A simulation SuperLink of our own (one HTTP port serves all its APIs), stopped with its process group."""
     cmd = [
         "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-        "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
         "--host", "127.0.0.1", "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
-        "--fleet-api-address", f"127.0.0.1:{free_port()}",
         "--log-file", str(log_file),
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for_port(int(env["FLWR_LOCAL_CONTROL_API_PORT"]), proc, log_file)
+        _wait_for_port(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), proc, log_file)
         yield proc
     finally:
         stop_group(proc)
@@ -125,7 +122,7 @@ def simulate(config: Config, out: Path, progress: bool = True, echo: bool = True
     flwr_home.mkdir(exist_ok=True)
     run_config = out / "run_config.toml"
     write_run_config(config, run_config)
-    env = flower_env(flwr_home, free_port(), free_port(), config.simulation.ray_address)
+    env = flower_env(flwr_home, free_port(), config.simulation.ray_address)
     cmd = [
         "flwr", "run", str(PROJECT_ROOT), "--stream",
         "--run-config", str(run_config), "--federation-config", federation_config(config),

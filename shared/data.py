@@ -56,7 +56,9 @@ class DataBundle:
                     f"DataBundle: x_{split} must be (N, C, H, W) and y_{split} (N,), got {x.shape} and {y.shape}"
                 )
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise ValueError(f"DataBundle: train images {self.x_train.shape[1:]} != test images {self.x_test.shape[1:]}")
+            raise ValueError(
+                f"DataBundle: train images {self.x_train.shape[1:]} != test images {self.x_test.shape[1:]}"
+            )
         channels = self.x_train.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(f"DataBundle: mean and std need {channels} values (one per channel)")
@@ -266,9 +268,11 @@ def load_fashion_mnist(path: str, seed: int, test_fraction: float) -> DataBundle
         labels_file = _find_file(directory, f"{prefix}-labels-idx1-ubyte", "fashion-mnist", hint)
         images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
         if len(images) != len(labels):
-            raise ValueError(f"fashion-mnist: {images_file} has {len(images)} images but {labels_file} has {len(labels)} labels")
+            raise ValueError(
+                f"fashion-mnist: {images_file} has {len(images)} images but {labels_file} has {len(labels)} labels"
+            )
         if labels.size and labels.max() >= 10:
-            raise ValueError(f"fashion-mnist: {labels_file} has label {labels.max()} (expected 0..9); the file is corrupt")
+            raise ValueError(f"fashion-mnist: {labels_file} has label {labels.max()} (expected 0..9); corrupt file")
         arrays[split] = (images[:, None], labels.astype(np.int64))
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
     return DataBundle(x_train, y_train, x_test, y_test, 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)

@@ -50,7 +50,10 @@ class CNN(nn.Module):
             nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(c2, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+            nn.Linear(c2, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ def train_masked(
     model.train()
     for epoch in range(epochs):
         last = epoch == epochs - 1
-        if epoch == 0:
+        if last:
             grad_sums = {n: torch.zeros_like(params[n]) for n in grad_layers}
         examples = 0
         for x, y in batches_per_epoch(epoch):

@@ -199,7 +199,9 @@ def test_custom_dataset_may_return_a_bundle(tmp_path: Path, monkeypatch: pytest.
     assert bundle.input_shape == (2, 4, 4) and bundle.num_classes == 2
 
 
-def test_custom_dataset_with_a_wrong_return_type_is_a_value_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_custom_dataset_with_a_wrong_return_type_is_a_value_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_module(tmp_path, "user_dataset_wrong", "def load():\n    return [1, 2]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="DataBundle or a tuple"):

@@ -165,3 +165,7 @@ def average_scores(scores: Sequence[Scores], weights: Sequence[float] | None = N
         acc = sum(x * s[k].double() for x, s in zip(w, scores))
         out[k] = (acc / total).to(scores[0][k].dtype)
     return out
+
+
+# Scores computed from data: in federated pruning, clients compute them locally and the server averages them.
+DATA_SCORES = frozenset({"snip", "grad"})
