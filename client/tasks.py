@@ -17,6 +17,7 @@ from shared.training import evaluate as evaluate_model
 from shared.training import local_scores, train_masked
 
 MASK_STATE = "fedtiny-masks"
+CANDIDATE_STATE = "fedtiny-candidates"
 
 
 class InjectedFailure(RuntimeError):
@@ -39,19 +40,28 @@ def scores(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordD
 def bn_stats(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
     """Recalibrate BN statistics of every candidate on the held-out split (FedTiny ABNS step 2)."""
     holdout = rt.holdout_batches()
+    blobs = list(content[p.PAYLOAD][p.CANDIDATE_MODELS])
+    state[CANDIDATE_STATE] = ConfigRecord({p.CANDIDATE_MODELS: blobs})  # kept for the evaluation step
     out = []
-    for blob in content[p.PAYLOAD][p.CANDIDATE_MODELS]:
+    for blob in blobs:
         model = _candidate_model(rt, blob)
         out.append(codec.encode(bn_stats_to_tensors(recalibrate(model, holdout))))
     return _reply(payload={p.BN_STATS: out}, metrics={p.NUM_EXAMPLES: len(rt.data.y_holdout)})
 
 
 def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Held-out loss of every candidate with its pooled BN statistics (FedTiny ABNS step 4)."""
+    """Held-out loss of every candidate with its pooled BN statistics (FedTiny ABNS step 4).
+
+    The candidates are those this node received for recalibration, so only the pooled
+    statistics travel again.
+    """
+    if CANDIDATE_STATE not in state:
+        raise ValueError("no candidates cached on this node: send query.bn before query.candidates")
+    blobs = state[CANDIDATE_STATE][p.CANDIDATE_MODELS]
+    del state[CANDIDATE_STATE]
     holdout = rt.holdout_batches()
-    payload = content[p.PAYLOAD]
     sums = []
-    for blob, bn_blob in zip(payload[p.CANDIDATE_MODELS], payload[p.BN_STATS], strict=True):
+    for blob, bn_blob in zip(blobs, content[p.PAYLOAD][p.BN_STATS], strict=True):
         model = _candidate_model(rt, blob)
         load_stats(model, bn_stats_from_tensors(codec.decode(bn_blob)[0]))
         sums.append(evaluate_model(model, holdout).loss_sum)

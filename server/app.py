@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from server import loop
 from server.context import RunContext
 from server.fleet import Fleet
 from server.methods import METHODS
-from server.recorder import Recorder, plot
+from server.recorder import PROGRESS_PREFIX, Recorder, plot
 from shared import codec
 from shared.accounting import count_parameters, flops, model_size
 from shared.config import Config, from_flat, to_yaml
@@ -29,8 +30,19 @@ log = logging.getLogger("fedtiny")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(1)
+    _log_to_stdout()
     config = from_flat(context.run_config)
     run(grid, config)
+
+
+def _log_to_stdout() -> None:
+    """Client failures and rejected updates appear in the run's streamed output, one line each."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"{PROGRESS_PREFIX} %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def output_dir(config: Config) -> Path:

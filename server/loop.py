@@ -102,7 +102,8 @@ def record_round(ctx: RunContext, gm: GlobalModel, t: int, phase: str, clients: 
 def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
     """Evaluate the final model on sampled clients' held-out splits (sample-weighted)."""
     build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731
-    _, replies = ctx.fleet.round(ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.rng)
+    sampled, replies = ctx.fleet.round(ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.rng)
+    ctx.dense_traffic(len(sampled), 0, gm.dense_bytes())
     metrics = [r.content[p.METRICS] for r in replies]
     n = sum(int(m[p.NUM_EXAMPLES]) for m in metrics)
     return {

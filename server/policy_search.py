@@ -5,7 +5,8 @@ ICDCS 2023, https://arxiv.org/abs/2212.01977. The server builds a pool of coarse
 candidates (allocation x score), sampled clients recalibrate each candidate's BN
 statistics on their held-out data, the server pools them exactly (within- plus
 between-client variance), clients evaluate every candidate with the pooled statistics,
-and the candidate with the lowest sample-weighted loss wins.
+and the candidate with the lowest sample-weighted loss wins. Clients keep the candidates
+between the two steps, so each candidate travels once.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate])
     pooled = [pool_stats([stats[i] for stats in per_client]) for i in range(len(candidates))]
     bn_blobs = [codec.encode(bn_stats_to_tensors(s)) for s in pooled]
     evals = ctx.fleet.exchange(
-        {r.node_id: RecordDict({p.PAYLOAD: ConfigRecord({p.CANDIDATE_MODELS: blobs, p.BN_STATS: bn_blobs})}) for r in replies},
+        {r.node_id: RecordDict({p.PAYLOAD: ConfigRecord({p.BN_STATS: bn_blobs})}) for r in replies},
         p.CANDIDATES,
     )
     if not evals:

@@ -66,13 +66,13 @@ class FedTinyConfig:
     abns: bool = True  # adaptive batch-norm selection among candidates (False: first candidate)
     progressive: bool = True  # progressive layer-wise prune/grow after selection
     allocations: list[str] = field(default_factory=lambda: ["uniform-noise", "global", "erk", "lamp"])
-    scores: list[str] = field(default_factory=lambda: ["magnitude", "snip"])
+    scores: list[str] = field(default_factory=lambda: ["magnitude"])
     search_clients: int = 10  # clients sampled for BN recalibration and candidate evaluation
     score_batches: int = 2  # local batches for client-computed scores (SNIP)
     adjust_interval: int = 5  # dT: rounds between block adjustments
     alpha: float = 0.2  # initial prune/grow fraction (cosine-decayed)
     end_fraction: float = 0.6  # T_end = end_fraction * rounds
-    warmup_epochs: int = 0  # server warm-up epochs on a tiny labelled set (0: none)
+    warmup_epochs: int = 5  # server warm-up epochs on a tiny labelled set (0: none)
     warmup_shots: int = 10  # examples per class in the server's warm-up set
 
 

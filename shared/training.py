@@ -136,6 +136,8 @@ def train_masked(
             grad_sums = {n: torch.zeros_like(params[n]) for n in grad_layers}
         examples = 0
         for x, y in batches_per_epoch(epoch):
+            if len(y) < 2:  # batch norm cannot train on a single example (a client's last batch)
+                continue
             x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import torch
+
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
+from shared.data import batches
+from shared.partition import server_warmup_set
 from shared.registry import Registry
+from shared.training import warmup
 
 METHODS: Registry = Registry("method")
 
@@ -19,7 +24,13 @@ class Method:
 
     def prepare(self, ctx: RunContext) -> GlobalModel:
         """The starting global model and masks (may talk to clients, e.g. a policy search)."""
-        return GlobalModel(ctx.new_model().state_dict())
+        return GlobalModel(self.initial_model(ctx).state_dict())
+
+    def initial_model(self, ctx: RunContext) -> torch.nn.Module:
+        """The seeded model, warmed up on the server when configured (the same start for every method)."""
+        model = ctx.new_model()
+        server_warmup(ctx, model)
+        return model
 
     def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
         """Extra per-round config sent to the training clients."""
@@ -30,3 +41,13 @@ class Method:
 
     def phase(self, t: int) -> str:
         return "train"
+
+
+def server_warmup(ctx: RunContext, model: torch.nn.Module) -> None:
+    """Optional dense pre-training on a tiny labelled server set drawn from the train split (never test)."""
+    c = ctx.config
+    if c.fedtiny.warmup_epochs <= 0:
+        return
+    x, y = server_warmup_set(ctx.bundle, c.fedtiny.warmup_shots, c.seed)
+    warmup(model, lambda e: batches(ctx.bundle, x, y, c.fl.batch_size, True, c.seed + e), c.fedtiny.warmup_epochs, c.fl.lr)
+    ctx.recorder.note(f"server warm-up: {c.fedtiny.warmup_epochs} epochs on {len(y)} examples")

@@ -21,11 +21,8 @@ from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
 from shared import codec, protocol as p
-from shared.data import batches
-from shared.partition import server_warmup_set
 from shared.pruning.prune_grow import merge_sparse, prune_grow
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
-from shared.training import warmup
 
 
 @METHODS.register("fedtiny")
@@ -37,8 +34,7 @@ class FedTiny(Method):
         self.t_end = math.floor(ctx.config.fedtiny.end_fraction * ctx.config.fl.rounds)
 
     def prepare(self, ctx: RunContext) -> GlobalModel:
-        model = ctx.new_model()
-        server_warmup(ctx, model)
+        model = self.initial_model(ctx)
         if ctx.config.pruning.density >= 1.0:
             return GlobalModel(model.state_dict())
         best, candidates = policy_search.search(ctx, model)
@@ -86,12 +82,3 @@ class FedTiny(Method):
     def phase(self, t: int) -> str:
         return "adjust" if self.pending else "train"
 
-
-def server_warmup(ctx: RunContext, model) -> None:
-    """Optional dense pre-training on a tiny labelled server set drawn from the train split (never test)."""
-    c = ctx.config
-    if c.fedtiny.warmup_epochs <= 0:
-        return
-    x, y = server_warmup_set(ctx.bundle, c.fedtiny.warmup_shots, c.seed)
-    warmup(model, lambda e: batches(ctx.bundle, x, y, c.fl.batch_size, True, c.seed + e), c.fedtiny.warmup_epochs, c.fl.lr)
-    ctx.recorder.note(f"server warm-up: {c.fedtiny.warmup_epochs} epochs on {len(y)} examples")

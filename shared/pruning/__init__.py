@@ -6,16 +6,15 @@ turn client-averaged scores into masks with ``masks_from_scores``.
 
 from __future__ import annotations
 
-import copy
 from typing import Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from shared.pruning.allocation import ALLOCATIONS, keep_top
+from shared.pruning.allocation import ALLOCATIONS, budget, keep_top
 from shared.pruning.masks import apply_masks, density, full_masks, layer_densities
 from shared.pruning.params import prunable_names
-from shared.pruning.scores import SCORES, average_scores
+from shared.pruning.scores import SCORES, average_scores, input_shape, linearize, synaptic_flow
 
 __all__ = [
     "ALLOCATIONS",
@@ -74,12 +73,13 @@ def compute_masks(
         return masks_from_scores(scores, density, allocation, seed, keep_dense)
     if synflow_iterations < 1:
         raise ValueError(f"synflow_iterations must be >= 1, got {synflow_iterations}")
-    masked = copy.deepcopy(model)
-    masks = full_masks(masked, names)
-    masks_from_scores(masks, density, "uniform", seed, keep_dense)  # fail fast on an impossible budget
+    shape = input_shape(model, batches)
+    masks = full_masks(model, names)
+    budget(masks, density, keep_dense)  # fail fast on an impossible density
+    linear = linearize(model)  # |θ| of the masked model = mask * |θ|: linearize once, mask each step
     for i in range(1, synflow_iterations + 1):
-        apply_masks(masked, masks)
-        scores = score_fn(masked, names, batches=batches, seed=seed)
+        apply_masks(linear, masks)
+        scores = synaptic_flow(linear, names, shape)
         scores = {n: torch.where(masks[n], s, torch.full_like(s, -torch.inf)) for n, s in scores.items()}
         masks = masks_from_scores(scores, density ** (i / synflow_iterations), allocation, seed, keep_dense)
     return masks

@@ -30,7 +30,8 @@ def prune_grow_layer(weight: Tensor, mask: Tensor, grad: Tensor, k: int) -> tupl
     if k < 0:
         raise ValueError(f"prune/grow count must be >= 0, got {k}")
     if not weight.shape == mask.shape == grad.shape:
-        raise ValueError(f"shapes differ: weight {tuple(weight.shape)}, mask {tuple(mask.shape)}, grad {tuple(grad.shape)}")
+        shapes = f"weight {tuple(weight.shape)}, mask {tuple(mask.shape)}, grad {tuple(grad.shape)}"
+        raise ValueError(f"shapes differ: {shapes}")
     mask = mask.bool()
     active = int(mask.sum())
     k = min(k, active, mask.numel() - active)

@@ -110,8 +110,35 @@ def input_shape(model: nn.Module, batches: Batches | None) -> tuple[int, ...]:
         return tuple(batches[0][0].shape[1:])
     shape = getattr(model, "input_shape", None)
     if shape is None:
-        raise ValueError("synflow needs the input shape: pass batches or give the model an `input_shape` attribute (C, H, W)")
+        raise ValueError(
+            "synflow needs the input shape: pass batches or give the model an `input_shape` attribute (C, H, W)"
+        )
     return tuple(int(s) for s in shape)
+
+
+def linearize(model: nn.Module) -> nn.Module:
+    """SynFlow's linearized copy of `model`: double precision, eval mode, |x| for every float
+    tensor of the state (weights, biases, BN parameters and running statistics)."""
+    linear = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        for t in linear.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    for p in linear.parameters():
+        p.requires_grad_(True)
+    return linear
+
+
+def synaptic_flow(linear: nn.Module, names: Sequence[str], shape: Sequence[int]) -> Scores:
+    """|θ * dR/dθ| with R the sum of the outputs of the linearized net on an all-ones input."""
+    wanted = _parameters(linear, names)
+    device = wanted[0].device if wanted else torch.device("cpu")
+    flow = linear(torch.ones((1, *shape), dtype=torch.float64, device=device)).sum()
+    grads = torch.autograd.grad(flow, wanted, allow_unused=True)
+    return {
+        n: (p.detach() * g).abs() if g is not None else torch.zeros_like(p.detach())
+        for n, p, g in zip(names, wanted, grads)
+    }
 
 
 @SCORES.register("synflow")
@@ -127,23 +154,7 @@ def synflow(model: nn.Module, names: list[str], batches: Batches | None = None, 
     Data is used only for its input shape.
     """
     _parameters(model, names)
-    shape = input_shape(model, batches)
-    linear = copy.deepcopy(model).double().eval()
-    with torch.no_grad():
-        for t in linear.state_dict().values():
-            if t.is_floating_point():
-                t.abs_()
-    params = dict(linear.named_parameters())
-    wanted = [params[n] for n in names]
-    for p in linear.parameters():
-        p.requires_grad_(True)
-    device = wanted[0].device if wanted else torch.device("cpu")
-    flow = linear(torch.ones((1, *shape), dtype=torch.float64, device=device)).sum()
-    grads = torch.autograd.grad(flow, wanted, allow_unused=True)
-    return {
-        n: (p.detach() * g).abs() if g is not None else torch.zeros_like(p.detach())
-        for n, p, g in zip(names, wanted, grads)
-    }
+    return synaptic_flow(linearize(model), names, input_shape(model, batches))
 
 
 def average_scores(scores: Sequence[Scores], weights: Sequence[float] | None = None) -> Scores:

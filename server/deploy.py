@@ -1,0 +1,304 @@
+"""Run the same ServerApp and ClientApp on a real Flower deployment on localhost.
+
+One `flower-superlink` with TLS and SuperNode authentication, N `flower-supernode`
+processes (node i gets `partition-id=i num-partitions=N` through `--node-config`),
+and the job submitted with `flwr run`, exactly as on separate machines. The run
+folder holds everything that must never be committed: a CA and server certificate
+made with `cryptography`, one EC key pair per node (only the public keys are
+registered with the SuperLink), each process's FLWR_HOME and logs. Every process
+gets its own process group and is stopped at the end, also on Ctrl-C, SIGTERM or
+failure. Success is judged by the run's metrics.json, as in simulation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from server.launch import (
+    PROJECT_ROOT,
+    RunFailed,
+    _follow,
+    _wait_for_port,
+    flower_env,
+    free_port,
+    stop_group,
+    write_run_config,
+)
+from shared.config import Config, ConfigError
+
+CONNECTION = "fedtiny-deploy"  # name of the SuperLink connection in the flwr CLI's config.toml
+CERT_DAYS = 30
+NODE_CURVE = ec.SECP384R1()  # `flwr supernode register` accepts NIST EC keys in OpenSSH format
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files a TLS SuperLink needs; SuperNodes and the flwr CLI only need `ca_cert`."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+    def check(self) -> None:
+        for path in (self.ca_cert, self.server_cert, self.server_key):
+            if not path.is_file():
+                raise ConfigError(f"certificate file {path} does not exist; pass a folder with ca.crt, server.crt and server.key")
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A SuperNode's authentication key pair (OpenSSH format)."""
+
+    private: Path
+    public: Path
+
+
+def tls_files(folder: Path) -> TlsFiles:
+    """The file names `make_tls` writes (and `--certs` expects)."""
+    return TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+
+
+def make_tls(folder: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> TlsFiles:
+    """A fresh self-signed CA and a server certificate it signs, valid for `hosts` (IPs or DNS names)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = tls_files(folder)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtiny deployment CA")])
+    ca_cert = (
+        _cert_builder(ca_name, ca_name, ca_key.public_key(), now)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    server_cert = (
+        _cert_builder(server_name, ca_name, server_key.public_key(), now)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(folder / "ca.key", _pem_private(ca_key))
+    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(files.server_key, _pem_private(server_key))
+    return files
+
+
+def _cert_builder(subject: x509.Name, issuer: x509.Name, public_key, now: dt.datetime) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CERT_DAYS))
+    )
+
+
+def _key_usage(cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=not cert_sign, data_encipherment=False,
+        key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _pem_private(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_bytes(data)
+
+
+def make_node_key(folder: Path, name: str) -> NodeKey:
+    """An EC P-384 key pair for SuperNode authentication: `name` (private) and `name.pub`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(NODE_CURVE)
+    pair = NodeKey(folder / name, folder / f"{name}.pub")
+    _write_private(pair.private, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    ))
+    pair.public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return pair
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line before starting anything when the SuperLink port cannot be bound."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"port {port} is out of range; pick one in 1..65535")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"port {port} on {host} is not free ({exc.strerror}); pick another with --port") from None
+
+
+def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
+    """The flwr CLI's config.toml with one TLS SuperLink connection, made the default."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\nroot-certificates = {json.dumps(str(ca_cert.resolve()))}\n'
+    )
+
+
+def superlink_command(tls: TlsFiles, host: str, port: int, log_file: Path) -> list[str]:
+    return [
+        "flower-superlink", "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+        "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation", "--host", host, "--port", str(port), "--log-file", str(log_file),
+    ]
+
+
+def supernode_command(address: str, ca_cert: Path, key: NodeKey, partition_id: int, num_partitions: int, runtime_port: int) -> list[str]:
+    return [
+        "flower-supernode", "--superlink", address, "--root-certificates", str(ca_cert),
+        "--auth-supernode-private-key", str(key.private),
+        "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
+        "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port),
+    ]
+
+
+def register_node(env: dict[str, str], key: NodeKey, name: str) -> None:
+    """`flwr supernode register`: only nodes whose public key is registered may join."""
+    cmd = ["flwr", "supernode", "register", str(key.public), CONNECTION, "--name", name, "--format", "json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RunFailed(f"registering {key.public} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+
+
+@contextmanager
+def process(cmd: list[str], env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen]:
+    """A child in its own process group, output to `log_file`, stopped (with its children) on exit."""
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so the `finally` blocks stop every child (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def deploy_local(
+    config: Config,
+    out: Path,
+    nodes: int,
+    port: int | None = None,
+    certs: Path | None = None,
+    progress: bool = True,
+    echo: bool = True,
+) -> dict:
+    """Run `config` on a TLS SuperLink with `nodes` authenticated SuperNodes on localhost; returns metrics.json.
+
+    `certs` is a folder with ca.crt, server.crt and server.key to use instead of fresh ones.
+    Outputs go to `out` (the run folder `out/deploy` holds keys, certificates and logs).
+    """
+    if nodes < 1:
+        raise ConfigError(f"--nodes must be at least 1, got {nodes}")
+    if nodes != config.fl.num_clients:
+        raise ConfigError(f"--nodes {nodes} but fl.num_clients={config.fl.num_clients}; they must match (one partition per node)")
+    host = "127.0.0.1"
+    if port is None:
+        port = free_port()
+    check_port(host, port)
+    run_dir = out / "deploy"
+    if certs is not None:
+        tls = tls_files(Path(certs).expanduser().resolve())
+        tls.check()
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(exist_ok=True)
+    if certs is None:
+        tls = make_tls(run_dir / "certs", (host, "localhost"))
+    address = f"{host}:{port}"
+    cli_home = run_dir / "cli"
+    write_connection(cli_home, address, tls.ca_cert)
+    run_config = out / "run_config.toml"
+    write_run_config(config, run_config)
+
+    with _stop_on_sigterm(), ExitStack() as stack:
+        superlink_home = run_dir / "superlink"
+        superlink_home.mkdir(exist_ok=True)
+        superlink_log = run_dir / "superlink.log"
+        link = stack.enter_context(process(
+            superlink_command(tls, host, port, superlink_log), flower_env(superlink_home, port), run_dir / "superlink.out"
+        ))
+        _wait_for_port(port, link, superlink_log)
+        cli_env = flower_env(cli_home, port)
+        for i in range(nodes):
+            key = make_node_key(run_dir / "keys", f"node-{i}")
+            register_node(cli_env, key, f"node-{i}")
+            node_home = run_dir / f"node-{i}"
+            node_home.mkdir(exist_ok=True)
+            stack.enter_context(process(
+                supernode_command(address, tls.ca_cert, key, i, nodes, free_port()),
+                flower_env(node_home, port), run_dir / f"supernode-{i}.log",
+            ))
+        _submit(cli_env, run_config, out / "run.log", config.fl.rounds, progress, echo)
+    return _read_metrics(out, run_dir)
+
+
+def _submit(env: dict[str, str], run_config: Path, log_path: Path, rounds: int, progress: bool, echo: bool) -> None:
+    cmd = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", str(run_config)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            _follow(proc, log, rounds, progress, echo)
+        finally:
+            stop_group(proc)
+
+
+def _read_metrics(out: Path, run_dir: Path) -> dict:
+    path = out / "metrics.json"
+    if not path.exists():
+        raise RunFailed(f"the run wrote no metrics.json; see {out / 'run.log'} and the logs in {run_dir}")
+    metrics = json.loads(path.read_text())
+    summary = metrics.get("summary", {})
+    if "error" in summary or "accuracy" not in summary:
+        raise RunFailed(f"the run failed: {summary.get('error', 'no summary')}; see {out / 'run.log'}")
+    return metrics
