@@ -60,10 +60,10 @@ def run(grid: Grid, config: Config) -> Path:
     d = config.dataset
     recorder = Recorder(config.fl.rounds)
     recorder.note(f"output directory {out}")
-    bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
     fleet = Fleet(grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout)
-    ctx = RunContext(config, fleet, bundle, recorder, out)
     try:
+        bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
+        ctx = RunContext(config, fleet, bundle, recorder, out)
         fleet.register()
         method = METHODS.get(config.method)(ctx)
         gm = loop.run_training(ctx, method)

@@ -194,7 +194,8 @@ def register_node(env: dict[str, str], key: NodeKey, name: str) -> None:
     cmd = ["flwr", "supernode", "register", str(key.public), CONNECTION, "--name", name, "--format", "json"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
-        raise RunFailed(f"registering {key.public} failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        raise RunFailed(f"registering {key.public} with the SuperLink failed: {lines[-1] if lines else done.returncode}")
 
 
 @contextmanager
@@ -256,31 +257,45 @@ def deploy_local(
     if certs is None:
         tls = make_tls(run_dir / "certs", (host, "localhost"))
     address = f"{host}:{port}"
-    cli_home = run_dir / "cli"
-    write_connection(cli_home, address, tls.ca_cert)
     run_config = out / "run_config.toml"
     write_run_config(config, run_config)
 
     with _stop_on_sigterm(), ExitStack() as stack:
-        superlink_home = run_dir / "superlink"
-        superlink_home.mkdir(exist_ok=True)
-        superlink_log = run_dir / "superlink.log"
-        link = stack.enter_context(process(
-            superlink_command(tls, host, port, superlink_log), flower_env(superlink_home, port), run_dir / "superlink.out"
-        ))
-        _wait_for_port(port, link, superlink_log)
-        cli_env = flower_env(cli_home, port)
+        cli_env = stack.enter_context(running_superlink(run_dir, tls, host, port))
         for i in range(nodes):
             key = make_node_key(run_dir / "keys", f"node-{i}")
             register_node(cli_env, key, f"node-{i}")
-            node_home = run_dir / f"node-{i}"
-            node_home.mkdir(exist_ok=True)
-            stack.enter_context(process(
-                supernode_command(address, tls.ca_cert, key, i, nodes, free_port()),
-                flower_env(node_home, port), run_dir / f"supernode-{i}.log",
-            ))
+            stack.enter_context(running_supernode(run_dir, f"node-{i}", address, tls.ca_cert, key, i, nodes))
         _submit(cli_env, run_config, out / "run.log", config.fl.rounds, progress, echo)
     return _read_metrics(out, run_dir)
+
+
+@contextmanager
+def running_superlink(run_dir: Path, tls: TlsFiles, host: str, port: int) -> Iterator[dict[str, str]]:
+    """A TLS SuperLink with SuperNode authentication; yields the environment of a flwr CLI connected to it."""
+    home = run_dir / "superlink"
+    home.mkdir(parents=True, exist_ok=True)
+    log_file = run_dir / "superlink.log"
+    cli_home = run_dir / "cli"
+    write_connection(cli_home, f"{host}:{port}", tls.ca_cert)
+    cmd = superlink_command(tls, host, port, log_file)
+    with process(cmd, flower_env(home, port), run_dir / "superlink.out") as link:
+        _wait_for_port(port, link, log_file)
+        yield flower_env(cli_home, port)
+
+
+@contextmanager
+def running_supernode(
+    run_dir: Path, name: str, address: str, ca_cert: Path, key: NodeKey, partition_id: int, num_partitions: int,
+    extra: Sequence[str] = (),
+) -> Iterator[subprocess.Popen]:
+    """A SuperNode with its own FLWR_HOME (as on its own machine); its output goes to `run_dir/<name>.log`."""
+    home = run_dir / name
+    home.mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(address, ca_cert, key, partition_id, num_partitions, free_port()) + list(extra)
+    port = int(address.rsplit(":", 1)[1])
+    with process(cmd, flower_env(home, port), run_dir / f"{name}.log") as node:
+        yield node
 
 
 def _submit(env: dict[str, str], run_config: Path, log_path: Path, rounds: int, progress: bool, echo: bool) -> None:

@@ -8,12 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from shared import export
-
 
 def _export(args: argparse.Namespace) -> int:
+    from shared import export
+
     result = export.export(args.output_dir, args.format, args.out, compact_model=args.compact, float16=args.float16)
     print(
         f"wrote {args.out}: {result['bytes']} bytes = {result['ratio']:.4f} of the dense float32 state dict "
@@ -23,6 +21,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared import export
     from shared.data import batches, load_dataset
 
     torch.set_num_threads(1)
@@ -40,10 +41,10 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `export` and `infer` subcommands to the `fedtiny` parser."""
+    """Add the `export` and `infer` subcommands to the `fedtiny` parser (torch is imported only when they run)."""
     ex = subparsers.add_parser("export", help="export a finished run's model (packed, onnx, torchscript)")
     ex.add_argument("output_dir", help="output directory of a finished run (config.yaml, model.ftc)")
-    ex.add_argument("--format", choices=export.FORMATS, default="packed")
+    ex.add_argument("--format", default="packed", help="packed | onnx | torchscript")
     ex.add_argument("--compact", action="store_true", help="remove channels and neurons that cannot change the logits")
     ex.add_argument("--float16", action="store_true", help="packed only: store kept weights as float16")
     ex.add_argument("--out", required=True, help="file to write (.ftc, .onnx, .pt)")

@@ -13,19 +13,7 @@ import torch
 from torch import nn
 
 from shared import codec
-
-
-def _prunable_names(model: nn.Module) -> list[str]:
-    """Conv and linear weights: the shared helper when present, else the same rule locally."""
-    try:
-        from shared.pruning.params import prunable_names
-    except ImportError:
-        return [
-            f"{module_name}.weight" if module_name else "weight"
-            for module_name, module in model.named_modules()
-            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-        ]
-    return list(prunable_names(model))
+from shared.pruning.params import PRUNABLE_MODULES, prunable_names
 
 
 def _kept(param: torch.Tensor, mask: torch.Tensor | None) -> int:
@@ -39,7 +27,7 @@ def _kept(param: torch.Tensor, mask: torch.Tensor | None) -> int:
 def count_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Parameter counts: total, nonzero, prunable (conv/linear weights) and prunable nonzero."""
     masks = masks or {}
-    prunable = set(_prunable_names(model))
+    prunable = set(prunable_names(model))
     counts = {"total": 0, "nonzero": 0, "prunable": 0, "prunable_nonzero": 0}
     for name, param in model.named_parameters():
         kept = _kept(param, masks.get(name))
@@ -85,7 +73,7 @@ def flops(
     handles = [
         module.register_forward_hook(hook(name))
         for name, module in model.named_modules()
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+        if isinstance(module, PRUNABLE_MODULES)
     ]
     was_training = model.training
     reference = next(model.parameters(), None)

@@ -345,7 +345,8 @@ def _known_mask(masks: Mapping[str, torch.Tensor] | None, name: str, shape: tupl
         raise ValueError(f"payload has masked tensor {name!r} without its mask; pass the receiver's mask for it")
     mask = masks[name]
     if mask.dtype != torch.bool or tuple(mask.shape) != shape:
-        raise ValueError(f"receiver mask for {name!r} must be bool of shape {shape}, got {mask.dtype} {tuple(mask.shape)}")
+        got = f"{mask.dtype} {tuple(mask.shape)}"
+        raise ValueError(f"receiver mask for {name!r} must be bool of shape {shape}, got {got}")
     return mask.detach().cpu()
 
 
@@ -372,8 +373,9 @@ def _decode_entry(
     if not masked:
         if wire != code:
             raise ValueError(f"unmasked tensor {name!r} has a wire dtype that differs from its dtype")
-        if numel * _itemsize(code) != payload_len:
-            raise ValueError(f"tensor {name!r} of shape {shape} needs {numel * _itemsize(code)} bytes, payload has {payload_len}")
+        needed = numel * _itemsize(code)
+        if needed != payload_len:
+            raise ValueError(f"tensor {name!r} of shape {shape} needs {needed} bytes, payload has {payload_len}")
         return _bytes_tensor(reader.take(payload_len, name), code).reshape(shape), None
     if numel > MAX_MASKED_NUMEL:
         raise ValueError(f"masked tensor {name!r} claims shape {shape}: more than {MAX_MASKED_NUMEL} elements")
@@ -383,8 +385,9 @@ def _decode_entry(
         mask = _known_mask(masks, name, shape)
     nnz = int(mask.sum())
     values_len = payload_len - mask_len
-    if nnz * _itemsize(wire) != values_len:
-        raise ValueError(f"tensor {name!r}: mask keeps {nnz} values ({nnz * _itemsize(wire)} bytes), payload has {values_len}")
+    needed = nnz * _itemsize(wire)
+    if needed != values_len:
+        raise ValueError(f"tensor {name!r}: mask keeps {nnz} values ({needed} bytes), payload has {values_len}")
     values = _bytes_tensor(reader.take(values_len, f"{name!r} values"), wire)
     flat = torch.zeros(numel, dtype=torch_dtype)
     flat[mask.reshape(-1)] = values.to(torch_dtype)

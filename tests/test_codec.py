@@ -211,7 +211,12 @@ def test_varint_round_trips_values_across_byte_boundaries() -> None:
 
 def model_like_weights() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    shapes = {"c1.weight": (32, 16, 3, 3), "c2.weight": (64, 32, 3, 3), "c3.weight": (128, 64, 3, 3), "fc.weight": (10, 1200)}
+    shapes = {
+        "c1.weight": (32, 16, 3, 3),
+        "c2.weight": (64, 32, 3, 3),
+        "c3.weight": (128, 64, 3, 3),
+        "fc.weight": (10, 1200),
+    }
     return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
 
 
@@ -314,7 +319,9 @@ def test_random_byte_flips_never_leak_other_exceptions() -> None:
             pass
 
 
-def entry(name: bytes, code: int, shape: tuple[int, ...], flags: int, payload: bytes, declared: int | None = None) -> bytes:
+def entry(
+    name: bytes, code: int, shape: tuple[int, ...], flags: int, payload: bytes, declared: int | None = None
+) -> bytes:
     """A hand-built entry, so tests can claim things an honest encoder never would."""
     head = struct.pack("<H", len(name)) + name + struct.pack("<BBB", code, code, len(shape))
     head += b"".join(struct.pack("<I", d) for d in shape) + struct.pack("<B", flags)
@@ -322,7 +329,8 @@ def entry(name: bytes, code: int, shape: tuple[int, ...], flags: int, payload: b
 
 
 def payload(*entries: bytes, count: int | None = None) -> bytes:
-    return struct.pack("<3sBI", codec.MAGIC, codec.VERSION, len(entries) if count is None else count) + b"".join(entries)
+    header = struct.pack("<3sBI", codec.MAGIC, codec.VERSION, len(entries) if count is None else count)
+    return header + b"".join(entries)
 
 
 def test_hand_built_entry_matches_the_encoder() -> None:
@@ -411,9 +419,12 @@ def test_codec_does_not_use_pickle() -> None:
 def test_sparse_round_trip_is_exact() -> None:
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(8, 4, 3, 3, generator=g)
-    values, indices = grad.reshape(-1).abs().topk(10)
+    indices = grad.reshape(-1).abs().topk(10).indices
     values = grad.reshape(-1)[indices]
-    parts = {"c.weight": (indices, values, (8, 4, 3, 3)), "empty": (torch.zeros(0, dtype=torch.long), torch.zeros(0), (5,))}
+    parts = {
+        "c.weight": (indices, values, (8, 4, 3, 3)),
+        "empty": (torch.zeros(0, dtype=torch.long), torch.zeros(0), (5,)),
+    }
     data = encode_sparse(parts)
     assert len(data) == 8 + (2 + 8 + 1 + 4 * 4 + 1 + 8 + 10 * 8) + (2 + 5 + 1 + 4 + 1 + 8)
     out = decode_sparse(data)

@@ -1,0 +1,83 @@
+"""Config: YAML -> typed dataclasses, validated once, with one-line errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from server.cli import main as cli_main
+from shared.config import Config, ConfigError, from_flat, load_config, to_flat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_yaml_matches_dataclass_defaults():
+    assert load_config() == Config()
+
+
+def test_pyproject_flower_config_mirrors_defaults():
+    flower = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert _flatten(flower) == to_flat(Config())
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_overrides_and_file_layer(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("fl:\n  rounds: 7\n")
+    c = load_config(f, ["pruning.density=0.01", "fedtiny.allocations=[erk,lamp]"])
+    assert (c.fl.rounds, c.pruning.density, c.fedtiny.allocations) == (7, 0.01, ["erk", "lamp"])
+
+
+def test_flat_round_trip_keeps_lists():
+    c = load_config(overrides=["fedtiny.allocations=[erk,global]", "fl.rounds=4"])
+    assert from_flat(to_flat(c)) == c
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("pruning.densty=0.1", "unknown config key 'pruning.densty'"),
+        ("fl.rounds=many", "fl.rounds"),
+        ("pruning.density=0", "'pruning.density' must be in (0, 1]"),
+        ("pruning.density=1.5", "'pruning.density' must be in (0, 1]"),
+        ("fl.clients_per_round=50", "'fl.clients_per_round' must be in [1, fl.num_clients]"),
+        ("method=magic", "'method' must be one of"),
+        ("fedtiny.allocations=[nope]", "unknown allocation 'nope'"),
+        ("fedtiny.scores=[nope]", "unknown score 'nope'"),
+        ("dataset.partition=shards", "'dataset.partition' must be iid or dirichlet"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    message = str(err.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_exits_2_with_one_line_on_bad_config(capsys):
+    assert cli_main(["run", "pruning.density=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedtiny: ") and "pruning.density" in err and "\n" not in err
+
+
+def test_cli_exits_2_on_missing_dataset_path(capsys, tmp_path):
+    code = cli_main(["run", "dataset.name=fashion-mnist", f"dataset.path={tmp_path / 'none'}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "dataset.path" in err and "\n" not in err

@@ -1,0 +1,117 @@
+"""Server phase logic on the in-process FakeGrid: search, progressive pruning, faults, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fake_grid import FakeGrid
+from helpers import run_context, tiny_config
+from server import policy_search
+from server.aggregate import weighted_average
+from server.app import run
+from server.fleet import NotEnoughReplies
+from server.global_model import GlobalModel
+from server.loop import training_round
+from server.methods import METHODS
+from shared import codec, protocol as p
+from shared.pruning import compute_masks, density
+
+
+def test_weighted_average_weights_by_examples_and_keeps_pruned_zero():
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}
+    out = weighted_average([a, b], [1, 3], masks={"w": torch.tensor([True, False])})
+    assert torch.allclose(out["w"], torch.tensor([2.5, 0.0]))
+
+
+def test_global_model_sends_masks_only_for_layers_changed_since_node_last_synced():
+    state = {"a": torch.ones(64), "b": torch.ones(64)}
+    masks = {"a": torch.arange(64) < 8, "b": torch.arange(64) < 8}
+    gm = GlobalModel(state, masks)
+    full = codec.decode(gm.payload_for(7))[1]
+    gm.delivered(7)
+    assert set(full) == {"a", "b"}
+    _, none = codec.decode(gm.payload_for(7), masks=gm.masks)
+    gm.set_masks({"a": masks["a"], "b": torch.arange(64) >= 56})
+    data = gm.payload_for(7)
+    with pytest.raises(ValueError):
+        codec.decode(data)  # mask of "a" is not in the payload: the node already has it
+    assert set(codec.decode(data, masks={"a": masks["a"]})[1]) == {"a", "b"}
+
+
+def test_policy_search_selects_the_lowest_pooled_loss(tmp_path):
+    config = tiny_config(tmp_path)
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    model = ctx.new_model()
+    best, candidates = policy_search.search(ctx, model)
+    assert len(candidates) == 4  # 2 allocations x 2 scores (snip computed by clients)
+    assert best.loss == min(c.loss for c in candidates)
+    assert density(best.masks) == pytest.approx(0.05, abs=1e-4)
+    for name, mask in best.masks.items():
+        assert torch.all(dict(model.named_parameters())[name][~mask] == 0)
+
+
+def test_without_abns_the_first_candidate_is_taken_without_client_evaluation(tmp_path):
+    config = tiny_config(tmp_path, "fedtiny.abns=false", "fedtiny.scores=[magnitude]")
+    grid = FakeGrid(config)
+    ctx = run_context(config, grid, tmp_path)
+    best, candidates = policy_search.search(ctx, ctx.new_model())
+    assert best is candidates[0] and best.loss is None
+    assert not any(m.metadata.message_type in (p.BN, p.CANDIDATES) for m in grid.sent)
+
+
+def test_progressive_rounds_adjust_one_block_and_keep_density(tmp_path):
+    config = tiny_config(tmp_path, "fedtiny.scores=[magnitude]", "fedtiny.allocations=[erk]", "fl.rounds=4")
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    method = METHODS.get("fedtiny")(ctx)
+    gm = method.prepare(ctx)
+    before = {n: m.clone() for n, m in gm.masks.items()}
+    extra = method.round_config(ctx, gm, 1)
+    assert extra["adjust-names"] == method.blocks[-1]  # output side first
+    replies = training_round(ctx, gm, 1, extra)
+    method.after_round(ctx, gm, 1, replies)
+    changed = [n for n in gm.masks if not torch.equal(gm.masks[n], before[n])]
+    assert changed and set(changed) <= set(extra["adjust-names"])
+    assert density(gm.masks) == density(before)
+    for n in changed:
+        grown = gm.masks[n] & ~before[n]
+        assert torch.all(gm.state[n][grown] == 0)  # new weights start at zero
+
+
+def test_without_progressive_masks_never_change(tmp_path):
+    config = tiny_config(tmp_path, "fedtiny.progressive=false", "fedtiny.scores=[magnitude]")
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    method = METHODS.get("fedtiny")(ctx)
+    gm = method.prepare(ctx)
+    assert method.round_config(ctx, gm, 1) == {}
+
+
+def test_round_retries_with_fresh_clients_when_replies_are_missing(tmp_path):
+    config = tiny_config(tmp_path, "fl.min_replies=1.0")
+    dead = {1000}
+    ctx = run_context(config, FakeGrid(config, drop=lambda n, t: n in dead and t == p.TRAIN), tmp_path)
+    gm = GlobalModel(ctx.new_model().state_dict())
+    replies = training_round(ctx, gm, 1, {})
+    assert len(replies) == 2 and 1000 not in {r.node_id for r in replies}
+
+
+def test_round_gives_up_instead_of_waiting_forever(tmp_path):
+    config = tiny_config(tmp_path)
+    ctx = run_context(config, FakeGrid(config, drop=lambda n, t: t == p.TRAIN), tmp_path)
+    with pytest.raises(NotEnoughReplies, match="fl.min_replies"):
+        training_round(ctx, GlobalModel(ctx.new_model().state_dict()), 1, {})
+
+
+def test_whole_run_is_deterministic_and_writes_outputs(tmp_path):
+    results = []
+    for sub in ("a", "b"):
+        config = tiny_config(tmp_path / sub)
+        out = run(FakeGrid(config), config)
+        metrics = json.loads((out / "metrics.json").read_text())
+        results.append((metrics["summary"]["accuracy"], codec.load(out / "model.ftc")[1]))
+        for f in ("metrics.csv", "config.yaml", "accuracy.png", "density.png", "bytes.png", "layer_density.png"):
+            assert (out / f).exists(), f
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
