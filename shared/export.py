@@ -45,8 +45,11 @@ META_KEY = "__meta__"
 PACKED_FORMAT = "fedtiny-packed"
 PACKED_VERSION = 1
 ONNX_OPSET = 17
-FLOAT16_RTOL = 5e-3
-"""Stated tolerance of float16 packed files: max |logit difference| <= FLOAT16_RTOL * max(1, max |logit|)."""
+FLOAT16_RTOL = 2e-3
+"""Stated tolerance of float16 packed files: max |logit difference| <= FLOAT16_RTOL * max(1, max |logit|).
+
+float16 rounds each kept weight by at most 2**-11 (about 4.9e-4) relative; BN and biases stay float32.
+"""
 
 
 # ----------------------------------------------------------------------------- architecture spec
@@ -72,13 +75,14 @@ class ModelSpec:
     def from_tensor(t: torch.Tensor) -> ModelSpec:
         try:
             meta = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"packed file has a corrupt {META_KEY} entry: {exc}") from None
-        if meta.get("format") != PACKED_FORMAT or meta.get("version") != PACKED_VERSION:
-            raise ValueError(f"packed file meta is {meta.get('format')} v{meta.get('version')}, "
-                             f"this build reads {PACKED_FORMAT} v{PACKED_VERSION}")
-        return ModelSpec(str(meta["model"]), int(meta["num_classes"]),
-                         tuple(int(s) for s in meta["input_shape"]), float(meta["width"]))
+            version = (meta.get("format"), meta.get("version"))
+            spec = ModelSpec(str(meta["model"]), int(meta["num_classes"]),
+                             tuple(int(s) for s in meta["input_shape"]), float(meta["width"]))
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"packed file has a corrupt {META_KEY} entry ({type(exc).__name__}: {exc})") from None
+        if version != (PACKED_FORMAT, PACKED_VERSION):
+            raise ValueError(f"packed file is {version[0]} v{version[1]}; this build reads {PACKED_FORMAT} v{PACKED_VERSION}")
+        return spec
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -106,7 +110,9 @@ def load_run(output_dir: str | os.PathLike) -> tuple[nn.Module, Tensors, ModelSp
     return rebuild(spec, tensors, masks), masks, spec
 
 
-def rebuild(spec: ModelSpec, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+def rebuild(
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
     """`spec`'s architecture with layers resized to `state`'s shapes (compacted files), `state` loaded, eval mode."""
     model = spec.build()
     fit_modules_to_state(model, state)
@@ -162,7 +168,10 @@ def _chain(model: nn.Module) -> list[tuple[str, nn.Module]]:
         )
     chain = [(f"features.{i}", m) for i, m in enumerate(model.features)] + [("", nn.Flatten())]
     cls = model.classifier
-    chain += [(f"classifier.{i}", m) for i, m in enumerate(cls)] if isinstance(cls, nn.Sequential) else [("classifier", cls)]
+    if isinstance(cls, nn.Sequential):
+        chain += [(f"classifier.{i}", m) for i, m in enumerate(cls)]
+    else:
+        chain.append(("classifier", cls))
     for name, m in chain:
         conv_ok = isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
         if not (conv_ok or isinstance(m, (nn.Linear, *_BETWEEN))):
@@ -328,7 +337,9 @@ def compact_state(
     return state, masks
 
 
-def compact(model: nn.Module, spec: ModelSpec, masks: Mapping[str, torch.Tensor] | None = None) -> tuple[nn.Module, Tensors]:
+def compact(
+    model: nn.Module, spec: ModelSpec, masks: Mapping[str, torch.Tensor] | None = None
+) -> tuple[nn.Module, Tensors]:
     """The compacted model (same class, smaller layers, eval mode) and its sliced masks."""
     state, new_masks = compact_state(model, model.state_dict(), masks)
     return rebuild(spec, state, new_masks), new_masks
@@ -411,7 +422,8 @@ def export(output_dir: str | os.PathLike, fmt: str, out: str | os.PathLike,
         size = save_onnx(out, model, spec.input_shape)
     else:
         size = save_torchscript(out, model, spec.input_shape)
-    return {"bytes": size, "dense_bytes": dense, "ratio": size / dense, "channels_removed": before - channel_count(model)}
+    removed = before - channel_count(model)
+    return {"bytes": size, "dense_bytes": dense, "ratio": size / dense, "channels_removed": removed}
 
 
 def dense_state_bytes(model: nn.Module) -> int:

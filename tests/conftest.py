@@ -6,6 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+# One torch thread: the suite runs on 2 cores beside other work, where thread pools only wait on each other.
+torch.set_num_threads(1)
+
 
 class TinyNet(nn.Module):
     """Conv-BN-ReLU x2 + linear on 1x8x8 inputs: every prunable kind and BN, a few thousand weights."""
