@@ -44,7 +44,7 @@ class ModelConfig:
 @dataclass
 class PruningConfig:
     density: float = 0.05  # fraction of prunable weights kept
-    keep_first_dense: bool = False  # keep the first conv layer dense (reference code does)
+    keep_first_dense: bool = True  # keep the first conv layer dense (reference code does); density still counts it
 
 
 @dataclass
