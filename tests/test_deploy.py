@@ -1,0 +1,100 @@
+"""Deployment on localhost: certificates, node keys, flag errors, and real TLS + SuperNode-auth runs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from server.deploy import (
+    check_port,
+    deploy_local,
+    make_node_key,
+    make_tls,
+    register_node,
+    running_superlink,
+    running_supernode,
+)
+from server.launch import free_port
+from shared.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_DEPLOY = ["fl.num_clients=2", "fl.clients_per_round=2", "fl.rounds=2", "fedtiny.search_clients=2"]
+
+
+def test_server_certificate_is_signed_by_the_ca_for_localhost(tmp_path):
+    tls = make_tls(tmp_path, ("127.0.0.1", "localhost"))
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert tls.server_key.stat().st_mode & 0o077 == 0
+
+
+def test_node_key_pair_is_openssh_p384_and_private_key_is_owner_only(tmp_path):
+    pair = make_node_key(tmp_path, "node-0")
+    public = serialization.load_ssh_public_key(pair.public.read_bytes())
+    private = serialization.load_ssh_private_key(pair.private.read_bytes(), password=None)
+    assert isinstance(public.curve, ec.SECP384R1)
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert pair.private.stat().st_mode & 0o077 == 0
+
+
+def test_busy_port_is_one_config_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigError, match=f"port {s.getsockname()[1]} .* not free"):
+            check_port("127.0.0.1", s.getsockname()[1])
+
+
+def test_missing_certificate_file_is_one_config_error(tmp_path):
+    config = load_config(ROOT / "configs" / "tiny.yaml", TINY_DEPLOY)
+    with pytest.raises(ConfigError, match="ca.crt does not exist"):
+        deploy_local(config, tmp_path / "out", 2, certs=tmp_path / "no-such-folder")
+
+
+def test_nodes_must_match_num_clients(tmp_path):
+    config = load_config(ROOT / "configs" / "tiny.yaml", TINY_DEPLOY)
+    with pytest.raises(ConfigError, match="--nodes 3 but fl.num_clients=2"):
+        deploy_local(config, tmp_path, 3)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_tls_authenticated_deployment_runs_fedtiny_and_writes_metrics(tmp_path):
+    out = tmp_path / "out"
+    config = load_config(ROOT / "configs" / "tiny.yaml", [*TINY_DEPLOY, f"output_dir={out}"])
+    metrics = deploy_local(config, out, 2, progress=False, echo=False)
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
+    assert metrics["summary"]["method"] == "fedtiny" and 0.0 <= metrics["summary"]["accuracy"] <= 1.0
+    log = (out / "deploy" / "superlink.log").read_text()
+    assert log.count("[Fleet.ActivateNode] Activated node_id=") == 2
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_supernode_with_unregistered_key_is_refused(tmp_path):
+    tls = make_tls(tmp_path / "certs")
+    port = free_port()
+    with running_superlink(tmp_path, tls, "127.0.0.1", port) as cli_env:
+        register_node(cli_env, make_node_key(tmp_path / "keys", "known"), "known")
+        stranger = make_node_key(tmp_path / "keys", "stranger")
+        address = f"127.0.0.1:{port}"
+        with running_supernode(tmp_path, "stranger", address, tls.ca_cert, stranger, 0, 2, ["--max-retries", "1"]) as node:
+            try:
+                code = node.wait(90)
+            except subprocess.TimeoutExpired:
+                pytest.fail("a SuperNode with an unregistered key kept running")
+    assert code != 0
+    assert "Failed to activate SuperNode" in (tmp_path / "stranger.log").read_text()
+    assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text()
