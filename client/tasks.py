@@ -13,6 +13,8 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from client.runtime import ClientRuntime
 from shared import codec, protocol as p
 from shared.batchnorm import bn_stats_from_tensors, bn_stats_to_tensors, load_stats, recalibrate
+from shared.pruning.prune_grow import prune_grow
+from shared.pruning.schedule import adjust_counts
 from shared.training import evaluate as evaluate_model
 from shared.training import local_scores, train_masked
 
@@ -69,7 +71,11 @@ def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDic
 
 
 def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Masked local training; pruned weights stay zero; top-k gradients of pruned positions when asked."""
+    """Masked local training; pruned weights stay zero; top-k gradients of pruned positions when asked.
+
+    Method extras: ``dst-fraction`` (FedDST) readjusts the masks locally first and sends them with
+    the update; ``sq-grads`` (PruneFL) also sends squared gradients of every prunable weight.
+    """
     cfg = content[p.CONFIG]
     if cfg.get("fail", False):
         raise InjectedFailure(f"client {rt.partition_id} failed on purpose (simulation.fail_fraction)")
@@ -77,16 +83,59 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
     names = list(cfg.get("adjust-names", []))
     grad_layers = dict(zip(names, (int(k) for k in cfg.get("adjust-k", [])), strict=True)) or None
     f = rt.config.fl
+    batches = rt.train_batches(int(cfg["seed"]))
+    dst_fraction = float(cfg.get("dst-fraction", 0.0))
+    if dst_fraction > 0 and masks:
+        grow_batches = list(batches(0))[: int(cfg.get("dst-batches", 1))]
+        masks = readjust_masks(model, masks, grow_batches, dst_fraction, int(cfg["seed"]))
     result = train_masked(
-        model, masks or None, rt.train_batches(int(cfg["seed"])), int(cfg["epochs"]), float(cfg["lr"]),
+        model, masks or None, batches, int(cfg["epochs"]), float(cfg["lr"]),
         f.momentum, f.weight_decay, grad_layers,
     )
-    payload = {p.UPDATE: codec.encode(model.state_dict(), masks, send_masks=False)}
+    payload = {p.UPDATE: codec.encode(model.state_dict(), masks, send_masks=dst_fraction > 0)}
     if result.topk:
         params = dict(model.named_parameters())
         parts = {n: (idx, val, tuple(params[n].shape)) for n, (idx, val) in result.topk.items()}
         payload[p.TOPK] = codec.encode_sparse(parts)
+    if cfg.get("sq-grads", False) and masks:
+        payload[p.SCORE_TENSORS] = codec.encode(squared_gradients(model, list(masks), batches(int(cfg["epochs"]) - 1)))
     return _reply(payload=payload, metrics={p.NUM_EXAMPLES: result.num_examples, p.LOSS: result.loss})
+
+
+def readjust_masks(model: torch.nn.Module, masks: dict, batches: list, fraction: float, seed: int) -> dict:
+    """FedDST's local readjustment (RigL-style, arXiv 2112.09824 / 1911.11134): in every sparse layer
+    drop the ceil(fraction x nnz) smallest-|w| kept weights and grow as many pruned positions of
+    largest |dL/dw| on `batches`; grown weights start at zero, so each layer keeps its count."""
+    names = [n for n, m in masks.items() if not bool(m.all())]
+    if not names:
+        return masks
+    grads = local_scores(model, "grad", batches, seed, names)
+    params = dict(model.named_parameters())
+    counts = adjust_counts(masks, names, fraction)
+    new_masks, new_weights = prune_grow(
+        {n: params[n].detach() for n in names}, {n: masks[n] for n in names}, grads, counts
+    )
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(new_weights[n])
+    return {**masks, **new_masks}
+
+
+def squared_gradients(model: torch.nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
+    """PruneFL's importance (arXiv 1909.12326): per-batch mean of (dL/dw)^2 over `batches`, dense,
+    pruned positions included. Runs after the update is encoded (BN running statistics move)."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(params[n]) for n in names}
+    count = 0
+    model.train()
+    for x, y in batches:
+        if len(y) < 2:
+            continue
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), [params[n] for n in names])
+        for n, g in zip(names, grads):
+            total[n] += g.detach() ** 2
+        count += 1
+    return {n: t / max(1, count) for n, t in total.items()}
 
 
 def evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:

@@ -100,6 +100,7 @@ def summarize(ctx: RunContext, gm, method, federated: dict) -> dict:
         "dense_bytes_down": ctx.dense_bytes_down,
         "bytes_ratio": (ctx.bytes_up + ctx.bytes_down) / max(1, ctx.dense_bytes_up + ctx.dense_bytes_down),
         "client_failures": ctx.failures,
+        "rejected_updates": ctx.rejected,
         "wall_seconds": time.monotonic() - ctx.recorder.started,
         "parameters": count_parameters(model, masks),
         "flops": flops(model, ctx.bundle.input_shape, masks),

@@ -11,8 +11,8 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from server import deploy_cli, export_cli
-from shared.config import ConfigError, load_config
+from server import compare_cli, deploy_cli, export_cli
+from shared.config import Config, ConfigError, load_config
 
 EXIT_CONFIG = 2
 
@@ -20,7 +20,10 @@ EXIT_CONFIG = 2
 def _run(args: argparse.Namespace) -> int:
     from server.launch import RunFailed, simulate
 
-    config = load_config(args.config, args.overrides)
+    if args.resume:
+        config = resume_config(Path(args.resume), args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
     out = Path(config.output_dir) if config.output_dir else Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.method}"
     out = out.expanduser().resolve()
     config = replace(config, output_dir=str(out))
@@ -36,6 +39,16 @@ def _run(args: argparse.Namespace) -> int:
         f"wall_seconds={s['wall_seconds']:.1f} outputs={out}"
     )
     return 0
+
+
+def resume_config(out: Path, overrides: list[str]) -> Config:
+    """The saved config of a run, set to continue from its last checkpoint."""
+    from server.checkpoint import exists
+
+    out = out.expanduser().resolve()
+    if not (out / "config.yaml").exists() or not exists(out):
+        raise ConfigError(f"{out} has no config.yaml and checkpoint.json to resume from; pass a run's output directory")
+    return load_config(out / "config.yaml", [*overrides, "resume=true", f"output_dir={out}"])
 
 
 def preflight(config) -> None:
@@ -54,10 +67,12 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated job in Flower's simulation engine")
     run.add_argument("--config", help="YAML file merged onto configs/default.yaml")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    run.add_argument("--resume", metavar="OUTPUT_DIR", help="continue a crashed run from its last checkpoint")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pruning.density=0.01")
     run.set_defaults(func=_run)
     export_cli.add_commands(sub)
     deploy_cli.add_commands(sub)
+    compare_cli.add_commands(sub)
     return ap
 
 

@@ -29,6 +29,7 @@ class RunContext:
     dense_bytes_up: int = 0
     dense_bytes_down: int = 0
     failures: int = 0
+    rejected: int = 0
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.config.seed)
@@ -37,6 +38,7 @@ class RunContext:
         self.bytes_up += traffic.up
         self.bytes_down += traffic.down
         self.failures += len(traffic.failures)
+        self.rejected += len(traffic.rejected)
 
     def dense_traffic(self, sampled: int, replied: int, model_bytes: int) -> None:
         """What dense FedAvg would have sent for the same sampled and replying clients."""

@@ -44,6 +44,7 @@ from shared.config import Config, ConfigError
 
 CONNECTION = "fedtiny-deploy"  # name of the SuperLink connection in the flwr CLI's config.toml
 CERT_DAYS = 30
+TASK_POLL_S = 0.2  # SuperExec's wait between ClientApp launches (Flower's default is 1 s; one launch per message)
 NODE_CURVE = ec.SECP384R1()  # `flwr supernode register` accepts NIST EC keys in OpenSSH format
 
 
@@ -294,7 +295,9 @@ def running_supernode(
     home.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(address, ca_cert, key, partition_id, num_partitions, free_port()) + list(extra)
     port = int(address.rsplit(":", 1)[1])
-    with process(cmd, flower_env(home, port), run_dir / f"{name}.log") as node:
+    env = flower_env(home, port)
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(TASK_POLL_S))
+    with process(cmd, env, run_dir / f"{name}.log") as node:
         yield node
 
 

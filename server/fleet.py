@@ -43,10 +43,11 @@ class Traffic:
     up: int = 0
     down: int = 0
     failures: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
 
     def take(self) -> "Traffic":
-        out = Traffic(self.up, self.down, list(self.failures))
-        self.up, self.down, self.failures = 0, 0, []
+        out = Traffic(self.up, self.down, self.failures, self.rejected)
+        self.up, self.down, self.failures, self.rejected = 0, 0, [], []
         return out
 
 
@@ -140,7 +141,7 @@ class Fleet:
                 if reason is None:
                     accepted.append(reply)
                 else:
-                    self._fail(reply.node_id, message_type, f"rejected update: {reason}")
+                    self.reject(reply.node_id, message_type, reason)
             if len(accepted) >= needed:
                 return sampled, accepted
             log.warning("%s: %d of %d replies (need %d); retrying with fresh clients", message_type, len(accepted), k, needed)
@@ -150,10 +151,16 @@ class Fleet:
         )
 
     def _fail(self, node: int, message_type: str, reason: str) -> None:
-        part = self.partition_of.get(node, "?")
-        line = f"node {node} (partition {part}) {message_type}: {reason}"
+        self.traffic.failures.append(self._log(node, message_type, reason))
+
+    def reject(self, node: int, message_type: str, reason: str) -> None:
+        """A reply that arrived but is not used (bad update): logged with the node and reason, counted."""
+        self.traffic.rejected.append(self._log(node, message_type, f"rejected: {reason}"))
+
+    def _log(self, node: int, message_type: str, reason: str) -> str:
+        line = f"node {node} (partition {self.partition_of.get(node, '?')}) {message_type}: {reason}"
         log.warning(line)
-        self.traffic.failures.append(line)
+        return line
 
 
 def config_record(**values) -> ConfigRecord:

@@ -8,10 +8,10 @@ is judged by the run's own metrics.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +19,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+import psutil
 
 from server.recorder import PROGRESS_PREFIX
 from shared.config import Config, to_flat
@@ -72,27 +74,51 @@ def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[subprocess.
         "--host", "127.0.0.1", "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
         "--log-file", str(log_file),
     ]
+    pid_file = log_file.with_suffix(".pid")
+    stop_stale(pid_file)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pid_file.write_text(str(proc.pid))
     try:
         _wait_for_port(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), proc, log_file)
         yield proc
     finally:
         stop_group(proc)
+        pid_file.unlink(missing_ok=True)
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is not None:
+def stop_stale(pid_file: Path) -> None:
+    """Stop the SuperLink (and its simulation and Ray workers) that a killed earlier run left behind."""
+    try:
+        proc = psutil.Process(int(pid_file.read_text()))
+        if "flower-superlink" in " ".join(proc.cmdline()):
+            stop_tree(proc)
+    except (OSError, ValueError, psutil.Error):
+        pass
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process we started and everything below it (the simulation runs Ray in its own session)."""
+    if proc.poll() is None:
+        try:
+            stop_tree(psutil.Process(proc.pid))
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def stop_tree(root: psutil.Process, grace: float = 10.0) -> None:
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:

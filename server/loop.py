@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
+from server import checkpoint
 from server.aggregate import weighted_average
 from server.context import RunContext
 from server.fleet import Reply, config_record
@@ -75,14 +76,21 @@ def training_round(ctx: RunContext, gm: GlobalModel, t: int, extra: dict) -> lis
 
 
 def run_training(ctx: RunContext, method) -> GlobalModel:
-    start = time.monotonic()
-    gm = method.prepare(ctx)
-    record_round(ctx, gm, 0, "search" if ctx.fleet.traffic.down else "init", 0, start)
-    for t in range(1, ctx.config.fl.rounds + 1):
+    """Prepare (or resume from the last checkpoint), then train; a checkpoint after every round."""
+    if ctx.config.resume and checkpoint.exists(ctx.output_dir):
+        gm, done = checkpoint.restore(ctx, method)
+    else:
+        start = time.monotonic()
+        gm = method.prepare(ctx)
+        record_round(ctx, gm, 0, "search" if ctx.fleet.traffic.down else "init", 0, start)
+        checkpoint.save(ctx, gm, method, 0)
+        done = 0
+    for t in range(done + 1, ctx.config.fl.rounds + 1):
         start = time.monotonic()
         replies = training_round(ctx, gm, t, method.round_config(ctx, gm, t))
         method.after_round(ctx, gm, t, replies)
         record_round(ctx, gm, t, method.phase(t), len(replies), start)
+        checkpoint.save(ctx, gm, method, t)
     return gm
 
 
@@ -94,7 +102,7 @@ def record_round(ctx: RunContext, gm: GlobalModel, t: int, phase: str, clients: 
         RoundRecord(
             round=t, phase=phase, density=gm.density, accuracy=result.accuracy, loss=result.loss,
             bytes_up=traffic.up, bytes_down=traffic.down, seconds=time.monotonic() - start,
-            clients=clients, failures=len(traffic.failures),
+            clients=clients, failures=len(traffic.failures), rejected=len(traffic.rejected),
         )
     )
 

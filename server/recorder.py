@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 PROGRESS_PREFIX = "[fedtiny]"
-ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures")
+ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures", "rejected")
 
 
 @dataclass
@@ -29,7 +29,8 @@ class RoundRecord:
     bytes_down: int
     seconds: float
     clients: int = 0
-    failures: int = 0
+    failures: int = 0  # sampled clients that failed or did not reply in time
+    rejected: int = 0  # replies that arrived but were rejected (bad updates)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Recorder:
         print(
             f"{PROGRESS_PREFIX} round {r.round}/{self.total_rounds} phase={r.phase} density={r.density:.4f} "
             f"accuracy={r.accuracy:.4f} loss={r.loss:.4f} up={r.bytes_up} down={r.bytes_down} "
-            f"clients={r.clients} failures={r.failures} seconds={r.seconds:.2f}",
+            f"clients={r.clients} failures={r.failures} rejected={r.rejected} seconds={r.seconds:.2f}",
             flush=True,
         )
 

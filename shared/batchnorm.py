@@ -72,7 +72,8 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> BNStats:
     average (momentum=None). Forward pre-hooks record the exact per-channel mean and variance of
     each BN input over all samples and positions; these then replace the running statistics
     (unbiased variance, see the module docstring). Weights are untouched and each module's
-    train/eval mode is restored. `batches` yields ``(x, y)`` pairs or input tensors.
+    train/eval mode is restored. `batches` yields ``(x, y)`` pairs or input tensors; a batch of
+    one example is skipped, since train-mode batch norm cannot normalize it.
     """
     modules = bn_modules(model)
     parts: dict[str, list[tuple[Tensor, Tensor, int]]] = {name: [] for name in modules}
@@ -93,7 +94,10 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> BNStats:
             m.momentum = None
         model.train()
         for batch in batches:
-            model(_inputs(batch).to(device))
+            x = _inputs(batch)
+            if len(x) < 2:  # train-mode BN cannot normalize a single example (a split's last batch)
+                continue
+            model(x.to(device))
     finally:
         for h in handles:
             h.remove()

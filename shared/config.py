@@ -89,6 +89,7 @@ class Config:
     method: str = "fedtiny"
     seed: int = 0
     output_dir: str = ""  # empty: outputs/<timestamp>-<method>
+    resume: bool = False  # continue from output_dir's last checkpoint (fedtiny run --resume DIR)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)

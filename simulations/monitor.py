@@ -1,27 +1,25 @@
-"""Peak memory of a process tree, sampled in a background thread.
+"""Peak memory of a process tree, sampled from /proc in a background thread (Linux).
 
 Flower starts its SuperLink in a new session and Ray starts its own daemons, so the tree
 is "every descendant of this process" plus every process whose command line names the
-run's folder (its FLWR_HOME and log files live there). RSS double-counts pages shared
-between processes (torch's libraries, Ray's object store), so PSS is sampled too: it
-splits each shared page among the processes that map it, and sums to real usage.
+run's folder (its FLWR_HOME and log files live there), with their descendants. RSS
+double-counts pages shared between processes (torch's libraries, Ray's object store), so
+PSS is summed too: it splits each shared page among the processes that map it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import psutil
-
-MB = 1024 * 1024
+PROC = Path("/proc")
 
 
 @dataclass
 class TreeMemory:
-    """Peak sums over the tree (MB) and how many processes the tree held at most."""
+    """Peak sums over the tree in MB, the most processes seen at once, and their names."""
 
     peak_rss_mb: float = 0.0
     peak_pss_mb: float = 0.0
@@ -30,42 +28,71 @@ class TreeMemory:
     names: set[str] = field(default_factory=set)
 
 
-def tree(root: int, marker: str) -> list[psutil.Process]:
-    """Descendants of `root` and processes whose command line contains `marker` (and their descendants)."""
-    found: dict[int, psutil.Process] = {}
+def _read(path: Path) -> str:
     try:
-        for p in psutil.Process(root).children(recursive=True):
-            found[p.pid] = p
-    except psutil.NoSuchProcess:
-        pass
-    if marker:
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if p.pid not in found and marker in " ".join(p.info["cmdline"] or ()):
-                    found[p.pid] = p
-                    for c in p.children(recursive=True):
-                        found[c.pid] = c
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-    return list(found.values())
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
-def _sample(procs: list[psutil.Process]) -> tuple[float, float, list[str]]:
-    rss = pss = 0.0
-    names = []
-    for p in procs:
-        try:
-            info = p.memory_full_info()
-            rss += info.rss
-            pss += getattr(info, "pss", info.rss)
-            names.append(p.name())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every visible process."""
+    out = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
             continue
-    return rss / MB, pss / MB, names
+        stat = _read(entry / "stat")
+        if not stat:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        cmd = _read(entry / "cmdline").replace("\0", " ")
+        out[int(entry.name)] = (ppid, cmd)
+    return out
+
+
+def tree(root: int, marker: str = "") -> list[int]:
+    """Descendants of `root`, plus processes whose command line contains `marker` and their descendants."""
+    procs = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    roots = [root] + [pid for pid, (_, cmd) in procs.items() if marker and marker in cmd]
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        stack.extend(children.get(pid, ()))
+    seen.discard(root)
+    return sorted(seen)
+
+
+def _kb(text: str, key: str) -> int:
+    for line in text.splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return 0
+
+
+def memory_mb(pids: list[int]) -> tuple[float, float, list[str]]:
+    """Summed RSS and PSS (MB) of `pids`, and the names of those still alive."""
+    rss = pss = 0
+    names = []
+    for pid in pids:
+        status = _read(PROC / str(pid) / "status")
+        if not status:
+            continue
+        rss += _kb(status, "VmRSS:")
+        rollup = _read(PROC / str(pid) / "smaps_rollup")
+        pss += _kb(rollup, "Pss:") if rollup else _kb(status, "VmRSS:")
+        names.append(status.split("\n", 1)[0].split(":", 1)[1].strip())
+    return rss / 1024, pss / 1024, names
 
 
 class TreeMonitor:
-    """`with TreeMonitor(marker) as m: ...` then read `m.result` (this process itself excluded)."""
+    """`with TreeMonitor(marker) as m: ...`, then read `m.result` (this process itself is left out)."""
 
     def __init__(self, marker: str = "", interval: float = 0.5) -> None:
         self.marker = marker
@@ -85,8 +112,7 @@ class TreeMonitor:
     def _loop(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            procs = [p for p in tree(me, self.marker) if p.pid != me]
-            rss, pss, names = _sample(procs)
+            rss, pss, names = memory_mb(tree(me, self.marker))
             r = self.result
             r.samples += 1
             r.peak_rss_mb = max(r.peak_rss_mb, rss)

@@ -143,3 +143,11 @@ def test_tensor_form_round_trip(tiny_model, tiny_batches):
 def test_tensor_form_rejects_incomplete_layer():
     with pytest.raises(ValueError, match="lack \\['count'\\]"):
         bn_stats_from_tensors({"bn.mean": torch.zeros(2), "bn.var": torch.ones(2)})
+
+
+def test_a_single_example_batch_is_skipped_not_fatal(tiny_model, tiny_batches):
+    x, y = tiny_batches[0]
+    with_single = recalibrate(tiny_model, [(x, y), (x[:1], y[:1])])
+    without = recalibrate(tiny_model, [(x, y)])
+    for name in without:
+        assert torch.allclose(with_single[name][0], without[name][0]) and with_single[name][2] == without[name][2]

@@ -2,5 +2,6 @@
 
 from server.methods.base import METHODS, Method
 from server.methods import fedavg, fedtiny  # noqa: F401  (registration)
+from server.methods import feddst, imp, prunefl, snip, synflow  # noqa: F401  (registration)
 
 __all__ = ["METHODS", "Method"]

@@ -42,6 +42,13 @@ class Method:
     def phase(self, t: int) -> str:
         return "train"
 
+    def state_dict(self) -> dict:
+        """JSON-serializable state a checkpoint needs to resume this method exactly."""
+        return {"summary": self.summary}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.summary = state["summary"]
+
 
 def server_warmup(ctx: RunContext, model: torch.nn.Module) -> None:
     """Optional dense pre-training on a tiny labelled server set drawn from the train split (never test)."""

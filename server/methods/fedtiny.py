@@ -82,3 +82,11 @@ class FedTiny(Method):
     def phase(self, t: int) -> str:
         return "adjust" if self.pending else "train"
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "adjustments": self.adjustments, "blocks": getattr(self, "blocks", [])}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.adjustments = state["adjustments"]
+        self.blocks = state["blocks"]
+

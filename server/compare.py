@@ -1,0 +1,289 @@
+"""Run a grid of methods x densities x seeds on the same data and budget, and tabulate it.
+
+Every cell is one `fedtiny run` (same config, partitions and codec; only the method, the density
+and the seed change) in `<output_dir>/<method>-d<density>-s<seed>`. A cell whose metrics.json
+already has a summary with an accuracy is not rerun, so an interrupted grid resumes. Dense
+FedAvg is run once per seed (density 1). Outputs: comparison.csv (one row per run),
+comparison.md (mean +- std over seeds) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from shared.config import METHODS, Config, ConfigError, load_config
+
+# Ablations of FedTiny, selectable as method names in a comparison.
+ALIASES: dict[str, list[str]] = {
+    "fedtiny-noabns": ["method=fedtiny", "fedtiny.abns=false"],
+    "fedtiny-noprogressive": ["method=fedtiny", "fedtiny.progressive=false"],
+}
+DENSE = "fedavg"
+CSV_FIELDS = (
+    "method", "density", "seed", "accuracy", "final_density", "bytes_ratio", "bytes_total",
+    "flops_sparse", "flops_dense", "model_bytes", "wall_seconds", "rounds",
+)
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    density: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-d{self.density:g}-s{self.seed}"
+
+
+def method_overrides(name: str) -> list[str]:
+    """Config overrides that select `name` (a method or a FedTiny ablation alias)."""
+    if name in ALIASES:
+        return list(ALIASES[name])
+    if name in METHODS:
+        return [f"method={name}"]
+    raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join([*METHODS, *ALIASES])}")
+
+
+def grid(methods: Sequence[str], densities: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
+    """Cells in run order (seed, then method, then density); dense FedAvg once per seed at density 1."""
+    for m in methods:
+        method_overrides(m)
+    for d in densities:
+        if not 0.0 < d <= 1.0:
+            raise ConfigError(f"density {d} in --densities must be in (0, 1]")
+    cells: list[Cell] = []
+    for s in seeds:
+        for m in methods:
+            for d in ([1.0] if m == DENSE else densities):
+                cells.append(Cell(m, float(d), int(s)))
+    return list(dict.fromkeys(cells))
+
+
+def cell_config(cell: Cell, out: Path, config_file: str | None, overrides: Sequence[str]) -> Config:
+    """The cell's config; a cell interrupted mid-run continues from its last round checkpoint."""
+    from server import checkpoint
+
+    resume = ["resume=true"] if checkpoint.exists(out / cell.name) else []
+    return load_config(config_file, [
+        *overrides, *method_overrides(cell.method), f"pruning.density={cell.density}",
+        f"seed={cell.seed}", f"output_dir={out / cell.name}", *resume,
+    ])
+
+
+def finished(run_dir: Path) -> dict | None:
+    """The run's metrics when it finished (summary with an accuracy), else None."""
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return metrics if "accuracy" in metrics.get("summary", {}) else None
+
+
+def run_grid(
+    cells: Sequence[Cell],
+    out: Path,
+    config_file: str | None,
+    overrides: Sequence[str],
+    simulate: Callable[[Config, Path], dict],
+    log: Callable[[str], None] = print,
+) -> tuple[dict[Cell, dict], list[str]]:
+    """Run every unfinished cell with `simulate(config, run_dir)`; (metrics by cell, failure lines).
+
+    All configs are built (validated) before the first run, so a typo fails at once.
+    """
+    configs = {c: cell_config(c, out, config_file, overrides) for c in cells}
+    results: dict[Cell, dict] = {}
+    failures: list[str] = []
+    for i, cell in enumerate(cells, 1):
+        run_dir = out / cell.name
+        done = finished(run_dir)
+        if done is not None:
+            log(f"[{i}/{len(cells)}] {cell.name}: done before, skipped")
+            results[cell] = done
+            continue
+        log(f"[{i}/{len(cells)}] {cell.name}: running")
+        try:
+            results[cell] = simulate(configs[cell], run_dir)
+        except RuntimeError as exc:
+            failures.append(f"{cell.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+            log(f"[{i}/{len(cells)}] {cell.name}: FAILED ({failures[-1]})")
+    return results, failures
+
+
+def row(cell: Cell, metrics: dict) -> dict:
+    """One CSV row from a run's metrics.json content."""
+    s = metrics["summary"]
+    return {
+        "method": cell.method,
+        "density": cell.density,
+        "seed": cell.seed,
+        "accuracy": s["accuracy"],
+        "final_density": s.get("density", float("nan")),
+        "bytes_ratio": s.get("bytes_ratio", float("nan")),
+        "bytes_total": s.get("bytes_up", 0) + s.get("bytes_down", 0),
+        "flops_sparse": s.get("flops", {}).get("sparse", float("nan")),
+        "flops_dense": s.get("flops", {}).get("dense", float("nan")),
+        "model_bytes": s.get("model_size", {}).get("sparse_bytes", float("nan")),
+        "wall_seconds": s.get("wall_seconds", float("nan")),
+        "rounds": len(metrics.get("rounds", [])) - 1,
+    }
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: r[k] for k in CSV_FIELDS} for r in rows)
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Mean and sample std over seeds per (method, density), in the order methods first appear."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["density"]), []).append(r)
+    order = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for (method, d), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], order.index(kv[0][0]))):
+        acc, acc_std = _mean_std([r["accuracy"] for r in rs])
+        out.append({
+            "method": method, "density": d, "seeds": len(rs), "accuracy": acc, "accuracy_std": acc_std,
+            "bytes_ratio": statistics.fmean(r["bytes_ratio"] for r in rs),
+            "flops": statistics.fmean(r["flops_sparse"] for r in rs),
+            "flops_ratio": statistics.fmean(r["flops_sparse"] / r["flops_dense"] for r in rs),
+            "model_bytes": statistics.fmean(r["model_bytes"] for r in rs),
+        })
+    return out
+
+
+def markdown(summary: Sequence[dict]) -> str:
+    """The results table: accuracy mean +- std over seeds, bytes relative to dense FedAvg, FLOPs, model size."""
+    lines = [
+        "| density | method | seeds | accuracy (mean ± std) | bytes vs dense FedAvg | FLOPs / example (vs dense) | model size |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['density']:g} | {s['method']} | {s['seeds']} | {100 * s['accuracy']:.2f} ± {100 * s['accuracy_std']:.2f} % "
+            f"| {s['bytes_ratio']:.4f} | {_si(s['flops'])} ({s['flops_ratio']:.3f}) | {_kib(s['model_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _kib(x: float) -> str:
+    return f"{x / 1024:.1f} KiB" if math.isfinite(x) else "n/a"
+
+
+def plot(results: dict[Cell, dict], out: Path) -> list[Path]:
+    """accuracy_vs_density.png, accuracy_vs_round.png (one panel per density), accuracy_vs_bytes.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [row(c, m) for c, m in results.items()]
+    summary = summarize(rows)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    densities = sorted({c.density for c in results if c.method != DENSE})
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = [s for s in summary if s["method"] == m]
+        if m == DENSE:
+            for s in pts:
+                ax.axhline(s["accuracy"], color=colors[m], linestyle="--", label=f"{m} (dense)")
+            continue
+        pts.sort(key=lambda s: s["density"])
+        ax.errorbar([s["density"] for s in pts], [s["accuracy"] for s in pts], yerr=[s["accuracy_std"] for s in pts],
+                    marker="o", capsize=3, color=colors[m], label=m)
+    ax.set_xscale("log")
+    ax.set_xlabel("density (fraction of prunable weights kept)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "accuracy_vs_density.png", plt))
+
+    panels = densities or [1.0]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], panels):
+        for m in methods:
+            curves = [_curve(metrics) for c, metrics in results.items() if c.method == m and (c.density == d or m == DENSE)]
+            if curves:
+                rounds, acc, _ = _mean_curve(curves)
+                ax.plot(rounds, acc, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
+        ax.set_title(f"density {d:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    paths.append(_save(fig, out / "accuracy_vs_round.png", plt))
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, d in zip(axes[0], panels):
+        for m in methods:
+            curves = [_curve(metrics) for c, metrics in results.items() if c.method == m and (c.density == d or m == DENSE)]
+            if curves:
+                _, acc, total = _mean_curve(curves)
+                ax.plot(total, acc, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
+        ax.set_xscale("log")
+        ax.set_title(f"density {d:g}")
+        ax.set_xlabel("cumulative payload bytes (up + down)")
+        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    paths.append(_save(fig, out / "accuracy_vs_bytes.png", plt))
+    return paths
+
+
+def _curve(metrics: dict) -> tuple[list[int], list[float], list[float]]:
+    rounds = metrics.get("rounds", [])
+    total, cumulative = 0, []
+    for r in rounds:
+        total += r["bytes_up"] + r["bytes_down"]
+        cumulative.append(max(total, 1))
+    return [r["round"] for r in rounds], [r["accuracy"] for r in rounds], cumulative
+
+
+def _mean_curve(curves):
+    n = min(len(c[0]) for c in curves)
+    mean = lambda i: [statistics.fmean(c[i][k] for c in curves) for k in range(n)]  # noqa: E731
+    return curves[0][0][:n], mean(1), mean(2)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: dict[Cell, dict], out: Path) -> list[Path]:
+    """comparison.csv, comparison.md and the plots for the finished cells."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [row(c, m) for c, m in results.items()]
+    write_csv(rows, out / "comparison.csv")
+    (out / "comparison.md").write_text(markdown(summarize(rows)))
+    return [out / "comparison.csv", out / "comparison.md", *plot(results, out)]

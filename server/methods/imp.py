@@ -1,0 +1,75 @@
+"""Iterative magnitude pruning over the run, LotteryFL-style: prune the global model in steps.
+
+Li et al., "LotteryFL: Personalized and Communication-Efficient Federated Learning with Lottery
+Ticket Hypothesis on Non-IID Datasets", https://arxiv.org/abs/2008.03371, after Frankle &
+Carbin, "The Lottery Ticket Hypothesis", https://arxiv.org/abs/1803.03635. Training starts
+dense; after rounds t_1 < ... < t_K, evenly spread up to T = `fedtiny.end_fraction` x rounds
+(K = T // `fedtiny.adjust_interval`, at least 1, so IMP prunes on FedTiny's timeline), the
+server prunes the global model by global magnitude to density d^(k/K) (a constant fraction
+per step, as IMP), each step pruning only weights still kept; the rounds after T fine-tune
+at exactly the target d = `pruning.density`. Weights are not rewound: LotteryFL's rewinding
+serves personalised client models, while we compare one global model. Clients train densely
+until the first step, so IMP pays a dense model's client memory and early traffic.
+Client config keys: only the shared training keys (``round``, ``seed``, ``epochs``, ``lr``, ``fail``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from server.context import RunContext
+from server.fleet import Reply
+from server.global_model import GlobalModel
+from server.methods.base import METHODS, Method
+from server.methods.snip import dense_layers
+from shared.pruning import full_masks, masks_from_scores
+
+
+def prune_rounds(rounds: int, end_fraction: float, interval: int) -> list[int]:
+    """Rounds after which IMP prunes: K evenly spread rounds ending at T = max(1, floor(end_fraction x rounds))."""
+    t_end = max(1, math.floor(end_fraction * rounds))
+    steps = max(1, t_end // interval)
+    return [round(k * t_end / steps) for k in range(1, steps + 1)]
+
+
+def step_density(target: float, step: int, steps: int) -> float:
+    """Density after the step-th of `steps` pruning steps: target^(step/steps)."""
+    return target ** (step / steps)
+
+
+@METHODS.register("imp")
+class IMP(Method):
+    def __init__(self, ctx: RunContext) -> None:
+        super().__init__(ctx)
+        c = ctx.config
+        self.schedule = prune_rounds(c.fl.rounds, c.fedtiny.end_fraction, c.fedtiny.adjust_interval)
+        self.pruned = False
+
+    def prepare(self, ctx: RunContext) -> GlobalModel:
+        model = self.initial_model(ctx)
+        if ctx.config.pruning.density >= 1.0:
+            return GlobalModel(model.state_dict())
+        self.dense = dense_layers(ctx, model)
+        return GlobalModel(model.state_dict(), full_masks(model, ctx.prunable(model) + self.dense))
+
+    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+        self.pruned = bool(gm.masks) and t in self.schedule
+        if not self.pruned:
+            return
+        step = self.schedule.index(t) + 1
+        target = step_density(ctx.config.pruning.density, step, len(self.schedule))
+        scores = {n: torch.where(m, gm.state[n].abs(), torch.full_like(gm.state[n], -torch.inf)) for n, m in gm.masks.items()}
+        gm.set_masks(masks_from_scores(scores, target, "global", ctx.config.seed, keep_dense=self.dense))
+        ctx.recorder.note(f"imp: round {t} pruned to density {gm.density:.4f}")
+
+    def phase(self, t: int) -> str:
+        return "prune" if t in self.schedule else "train"
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "dense": getattr(self, "dense", [])}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.dense = state["dense"]

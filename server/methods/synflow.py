@@ -1,0 +1,29 @@
+"""SynFlow: data-free pruning at initialization, then masked FedAvg.
+
+Tanaka et al., "Pruning neural networks without any data by iteratively conserving synaptic
+flow", NeurIPS 2020, https://arxiv.org/abs/2006.05467. The server scores the (warmed-up)
+starting model with 100 iterations of SynFlow on an all-ones input (no client is asked
+anything), keeps the top `pruning.density` of prunable weights globally (the first layer stays
+dense when `pruning.keep_first_dense`), and the mask never changes again.
+Client config keys: only the shared training keys (``round``, ``seed``, ``epochs``, ``lr``, ``fail``).
+"""
+
+from __future__ import annotations
+
+from server.context import RunContext
+from server.global_model import GlobalModel
+from server.methods.base import METHODS, Method
+from server.methods.snip import dense_layers
+from shared.pruning import compute_masks
+
+
+@METHODS.register("synflow")
+class SynFlow(Method):
+    def prepare(self, ctx: RunContext) -> GlobalModel:
+        model = self.initial_model(ctx)
+        c = ctx.config
+        if c.pruning.density >= 1.0:
+            return GlobalModel(model.state_dict())
+        masks = compute_masks(model, c.pruning.density, "synflow", "global", seed=c.seed, keep_dense=dense_layers(ctx, model))
+        ctx.recorder.note("synflow: pruned at initialization without data")
+        return GlobalModel(model.state_dict(), masks)

@@ -1,0 +1,159 @@
+"""Launching runs for the benchmarks: fedtiny and the plain Flower app, each with its own SuperLink.
+
+Reuses `server.launch` (free ports, a private FLWR_HOME per run, process groups stopped
+at the end) so that both apps run under exactly the same machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from server.launch import PROJECT_ROOT, federation_config, flower_env, free_port, local_superlink, simulate, stop_group
+from shared.config import Config, load_config, to_yaml
+
+PLAIN_APP = Path(__file__).resolve().parent / "plain_flower"
+CONFIGS = PROJECT_ROOT / "configs"
+
+
+def bench_config(smoke: bool, overrides: list[str]) -> Config:
+    """configs/tiny.yaml (digits) for smoke runs, else configs/fashion-mnist.yaml, plus `overrides`."""
+    file = CONFIGS / ("tiny.yaml" if smoke else "fashion-mnist.yaml")
+    return load_config(file, overrides)
+
+
+class LineClock:
+    """Watches a growing log file and notes when a line containing each pattern first appears."""
+
+    def __init__(self, path: Path, patterns: list[str], interval: float = 0.1) -> None:
+        self.path, self.patterns, self.interval = path, patterns, interval
+        self.seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "LineClock":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        pos = 0
+        while not self._stop.is_set():
+            if self.path.exists():
+                with open(self.path, errors="replace") as f:
+                    f.seek(pos)
+                    text = f.read()
+                    cut = text.rfind("\n") + 1
+                    pos += len(text[:cut].encode(errors="replace"))
+                now = time.monotonic()
+                for line in text[:cut].splitlines():
+                    for pattern in self.patterns:
+                        if pattern in line and pattern not in self.seen:
+                            self.seen[pattern] = now
+            self._stop.wait(self.interval)
+
+
+def run_fedtiny(config: Config, out: Path) -> dict:
+    """One fedtiny simulation (Ray, own SuperLink); returns metrics.json's content."""
+    config.output_dir = str(out)
+    return simulate(config, out, progress=False, echo=False)
+
+
+def run_plain(config: Config, out: Path) -> dict:
+    """Flower's built-in FedAvg with a minimal ClientApp on the same config; returns plain.json's content."""
+    out.mkdir(parents=True, exist_ok=True)
+    flwr_home = out / ".flwr"
+    flwr_home.mkdir(exist_ok=True)
+    config_file = out / "config.yaml"
+    config_file.write_text(to_yaml(config))
+    run_config = out / "run_config.toml"
+    run_config.write_text(f"\"config-file\" = {json.dumps(str(config_file))}\n\"output-dir\" = {json.dumps(str(out))}\n")
+    env = flower_env(flwr_home, free_port(), config.simulation.ray_address)
+    env["PYTHONPATH"] = os.pathsep.join([str(PLAIN_APP), env["PYTHONPATH"]])
+    cmd = [
+        "flwr", "run", str(PLAIN_APP), "--stream",
+        "--run-config", str(run_config), "--federation-config", federation_config(config),
+    ]
+    with local_superlink(env, flwr_home / "superlink.log"), open(out / "run.log", "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait()
+        finally:
+            stop_group(proc)
+    result = out / "plain.json"
+    if not result.exists():
+        raise RuntimeError(f"the plain Flower run wrote no plain.json; see {out / 'run.log'}")
+    return json.loads(result.read_text())
+
+
+@contextmanager
+def ray_head(num_cpus: int = 2) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """A private `ray start --head --block` (own temp dir and ports), stopped by its process group.
+
+    Never `ray stop`: that kills every Ray process of the user on the machine. The temp dir
+    keeps `ray_current_cluster` out of /tmp/ray, so other runs' `ray.init()` do not join it.
+    """
+    temp = Path(tempfile.mkdtemp(prefix="ftray", dir="/tmp"))
+    port = free_port()
+    cmd = [
+        str(Path(os.sys.executable).parent / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
+        "--include-dashboard=false", f"--port={port}", f"--temp-dir={temp}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}", "--disable-usage-stats",
+    ]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    log = open(temp / "ray_start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_for_ray(address, proc, temp)
+        yield address, proc, temp
+    finally:
+        stop_group(proc, grace=20.0)
+        log.close()
+
+
+def _wait_for_ray(address: str, proc: subprocess.Popen, temp: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with code {proc.returncode}; see {temp / 'ray_start.log'}")
+        if (temp / "ray_start.log").read_text().find("Ray runtime started") >= 0:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"ray start did not come up within {timeout:.0f}s; see {temp / 'ray_start.log'}")
+
+
+CLUSTER_PROBE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+jobs = ray._private.state.jobs()
+print(json.dumps({"jobs": len(jobs) - 1, "nodes": len(ray.nodes()),
+                  "cpus": ray.cluster_resources().get("CPU", 0)}))
+"""
+
+
+def probe_cluster(address: str) -> dict:
+    """Jobs the cluster has run (this probe's own driver not counted), its nodes and CPUs."""
+    import sys
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", CLUSTER_PROBE, address], env=env, capture_output=True, text=True, timeout=120
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"probing the Ray cluster at {address} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
