@@ -21,6 +21,7 @@ class GlobalModel:
         self.version = 0
         self.layer_version: dict[str, int] = {}
         self.node_version: dict[int, int] = {}
+        self._dense_bytes = len(codec.encode(self.state))
         if masks:
             self.set_masks(masks)
 
@@ -57,6 +58,10 @@ class GlobalModel:
     def forget(self, node_id: int) -> None:
         self.node_version.pop(node_id, None)
 
+    def max_update_bytes(self) -> int:
+        """Largest update payload accepted: a dense model with every mask, plus header slack."""
+        return 2 * self.dense_bytes() + 65536
+
     def dense_bytes(self) -> int:
         """What dense FedAvg sends for this model, each way, per client."""
-        return len(codec.encode(self.state))
+        return self._dense_bytes

@@ -29,24 +29,44 @@ def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: di
     return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node)})})
 
 
-def check_update(gm: GlobalModel, reply: Reply) -> str | None:
-    """Decode a client's update against the global masks; a reason to reject it, or None."""
+def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> str | None:
+    """Decode a client's update against the global masks; a reason to reject it, or None.
+
+    Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf,
+    a mask other than the global one (values at pruned positions, wrong density), and
+    num-examples <= 0. With `max_norm` > 0 the update's distance from the global model
+    is clipped to that norm (bounding the influence of outliers).
+    """
     try:
-        tensors, _ = codec.decode(reply.content[p.PAYLOAD][p.UPDATE], masks=gm.masks)
+        blob = reply.content[p.PAYLOAD][p.UPDATE]
         num_examples = int(reply.content[p.METRICS][p.NUM_EXAMPLES])
+        tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes())
     except (KeyError, ValueError, TypeError) as exc:
-        return f"undecodable update ({exc})"
+        return f"undecodable update ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     if set(tensors) != set(gm.state):
-        return "layer names differ from the global model"
+        return f"layer names differ from the global model: {sorted(set(tensors) ^ set(gm.state))[:3]}"
     for name, value in tensors.items():
-        if value.shape != gm.state[name].shape:
-            return f"shape of {name} is {tuple(value.shape)}, expected {tuple(gm.state[name].shape)}"
+        if value.shape != gm.state[name].shape or value.dtype != gm.state[name].dtype:
+            return f"{name} is {value.dtype} {tuple(value.shape)}, expected {gm.state[name].dtype} {tuple(gm.state[name].shape)}"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"non-finite values in {name}"
+    for name, mask in gm.masks.items():
+        if not torch.equal(masks[name], mask):
+            return f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
     if num_examples <= 0:
         return f"num-examples={num_examples}"
-    reply.decoded = tensors
+    reply.decoded = clip_update(gm.state, tensors, max_norm) if max_norm > 0 else tensors
     return None
+
+
+def clip_update(reference: dict, update: dict, max_norm: float) -> dict:
+    """Scale the update's distance from `reference` down to `max_norm` (float tensors only)."""
+    deltas = {n: update[n] - reference[n] for n in update if update[n].is_floating_point()}
+    norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas.values())))
+    if norm <= max_norm:
+        return update
+    scale = max_norm / norm
+    return {n: reference[n] + deltas[n] * scale if n in deltas else v for n, v in update.items()}
 
 
 def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
@@ -63,7 +83,8 @@ def training_round(ctx: RunContext, gm: GlobalModel, t: int, extra: dict) -> lis
     k = ctx.config.fl.clients_per_round
     failing = failing_nodes(ctx, t, list(ctx.fleet.partition_of))
     sampled, replies = ctx.fleet.round(
-        k, p.TRAIN, lambda n: train_message(ctx, gm, n, t, extra, failing), ctx.rng, lambda r: check_update(gm, r)
+        k, p.TRAIN, lambda n: train_message(ctx, gm, n, t, extra, failing), ctx.rng,
+        lambda r: check_update(gm, r, ctx.config.fl.max_update_norm),
     )
     for node in sampled:
         gm.forget(node)

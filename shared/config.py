@@ -59,6 +59,7 @@ class FLConfig:
     weight_decay: float = 0.0
     min_replies: float = 0.5  # fraction of sampled clients whose replies a round needs
     round_timeout: float = 300.0  # seconds to wait for replies in a round
+    max_update_norm: float = 0.0  # clip each update's L2 distance from the global model (0: off)
 
 
 @dataclass
@@ -220,6 +221,7 @@ def validate(c: Config) -> None:
     check(c.fl.weight_decay >= 0, "fl.weight_decay", "must be >= 0")
     check(0.0 < c.fl.min_replies <= 1.0, "fl.min_replies", "must be in (0, 1]")
     check(c.fl.round_timeout > 0, "fl.round_timeout", "must be > 0")
+    check(c.fl.max_update_norm >= 0, "fl.max_update_norm", "must be >= 0 (0 turns clipping off)")
     check(len(c.fedtiny.allocations) > 0, "fedtiny.allocations", "must name at least one allocation")
     check(len(c.fedtiny.scores) > 0, "fedtiny.scores", "must name at least one score")
     check(1 <= c.fedtiny.search_clients <= c.fl.num_clients, "fedtiny.search_clients", "must be in [1, fl.num_clients]")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from server import policy_search
 from server.context import RunContext
 from server.fleet import Reply
@@ -62,14 +64,13 @@ class FedTiny(Method):
         parts: dict[str, list] = {n: [] for n in self.pending}
         senders = 0
         for r in replies:
-            if p.TOPK not in r.content.get(p.PAYLOAD, {}):
+            sparse, reason = check_topk(r, gm, self.pending)
+            if reason:
+                ctx.fleet.reject(r.node_id, p.TRAIN, reason)
                 continue
-            sparse = codec.decode_sparse(r.content[p.PAYLOAD][p.TOPK])
             senders += 1
-            for name in self.pending:
-                if name in sparse:
-                    idx, val, _ = sparse[name]
-                    parts[name].append((idx, val))
+            for name, (idx, val, _) in sparse.items():
+                parts[name].append((idx, val))
         if senders == 0:
             return
         grads = {n: merge_sparse(parts[n], gm.state[n].shape, senders) for n in self.pending}
@@ -90,3 +91,25 @@ class FedTiny(Method):
         self.adjustments = state["adjustments"]
         self.blocks = state["blocks"]
 
+
+
+def check_topk(reply: Reply, gm: GlobalModel, pending: dict[str, int]) -> tuple[dict, str | None]:
+    """A client's top-k gradients, or the reason they are rejected (not merged)."""
+    if p.TOPK not in reply.content.get(p.PAYLOAD, {}):
+        return {}, "no top-k gradients for the adjusted block"
+    try:
+        sparse = codec.decode_sparse(reply.content[p.PAYLOAD][p.TOPK], max_bytes=16 * sum(pending.values()) + 65536)
+    except ValueError as exc:
+        return {}, f"undecodable top-k gradients ({exc})"
+    if set(sparse) != set(pending):
+        return {}, f"top-k layers {sorted(sparse)} are not the adjusted block {sorted(pending)}"
+    for name, (idx, val, shape) in sparse.items():
+        if tuple(shape) != tuple(gm.masks[name].shape):
+            return {}, f"top-k shape of {name} is {tuple(shape)}, expected {tuple(gm.masks[name].shape)}"
+        if len(idx) > pending[name]:
+            return {}, f"{len(idx)} top-k entries for {name}, more than k={pending[name]}"
+        if gm.masks[name].flatten()[idx].any():
+            return {}, f"top-k indices of {name} include active positions"
+        if not torch.isfinite(val).all():
+            return {}, f"non-finite top-k values in {name}"
+    return sparse, None
