@@ -73,8 +73,9 @@ def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDic
 def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
     """Masked local training; pruned weights stay zero; top-k gradients of pruned positions when asked.
 
-    Method extras: ``dst-fraction`` (FedDST) readjusts the masks locally first and sends them with
-    the update; ``sq-grads`` (PruneFL) also sends squared gradients of every prunable weight.
+    Method extras: ``dst-fraction`` (FedDST) readjusts the masks locally first and sends the mask
+    changes as sparse (index, value) parts under ``topk``; ``sq-grads`` (PruneFL) also sends
+    squared gradients of every prunable weight under ``scores``.
     """
     cfg = content[p.CONFIG]
     if cfg.get("fail", False):
@@ -84,15 +85,17 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
     grad_layers = dict(zip(names, (int(k) for k in cfg.get("adjust-k", [])), strict=True)) or None
     f = rt.config.fl
     batches = rt.train_batches(int(cfg["seed"]))
-    dst_fraction = float(cfg.get("dst-fraction", 0.0))
-    if dst_fraction > 0 and masks:
+    local = masks
+    if float(cfg.get("dst-fraction", 0.0)) > 0 and masks:
         grow_batches = list(batches(0))[: int(cfg.get("dst-batches", 1))]
-        masks = readjust_masks(model, masks, grow_batches, dst_fraction, int(cfg["seed"]))
+        local = readjust_masks(model, masks, grow_batches, float(cfg["dst-fraction"]), int(cfg["seed"]))
     result = train_masked(
-        model, masks or None, batches, int(cfg["epochs"]), float(cfg["lr"]),
+        model, local or None, batches, int(cfg["epochs"]), float(cfg["lr"]),
         f.momentum, f.weight_decay, grad_layers,
     )
-    payload = {p.UPDATE: codec.encode(model.state_dict(), masks, send_masks=dst_fraction > 0)}
+    payload = {p.UPDATE: codec.encode(model.state_dict(), masks, send_masks=False)}
+    if local is not masks:
+        payload[p.TOPK] = codec.encode_sparse(mask_changes(masks, local, model.state_dict()))
     if result.topk:
         params = dict(model.named_parameters())
         parts = {n: (idx, val, tuple(params[n].shape)) for n, (idx, val) in result.topk.items()}
@@ -119,6 +122,18 @@ def readjust_masks(model: torch.nn.Module, masks: dict, batches: list, fraction:
         for n in names:
             params[n].copy_(new_weights[n])
     return {**masks, **new_masks}
+
+
+def mask_changes(old: dict, new: dict, state: dict) -> dict:
+    """Per changed layer, (flat indices where the mask flipped, values there, shape): a drop has value
+    0, a grow its trained value. With the update's values at `old` kept positions this is the whole
+    sparse model in O(changes) extra bytes, and `old` XOR indices gives the new mask."""
+    out = {}
+    for n, m in old.items():
+        idx = (m ^ new[n]).reshape(-1).nonzero().squeeze(1)
+        if idx.numel():
+            out[n] = (idx, state[n].reshape(-1)[idx].float(), tuple(m.shape))
+    return out
 
 
 def squared_gradients(model: torch.nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:

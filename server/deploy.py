@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,17 +248,16 @@ def deploy_local(
     if port is None:
         port = free_port()
     check_port(host, port)
+    given = tls_files(Path(certs).expanduser().resolve()) if certs is not None else None
+    if given:
+        given.check()
     run_dir = out / "deploy"
-    if certs is not None:
-        tls = tls_files(Path(certs).expanduser().resolve())
-        tls.check()
-    out.mkdir(parents=True, exist_ok=True)
-    run_dir.mkdir(exist_ok=True)
-    if certs is None:
-        tls = make_tls(run_dir / "certs", (host, "localhost"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tls = given or make_tls(run_dir / "certs", (host, "localhost"))
     address = f"{host}:{port}"
     run_config = out / "run_config.toml"
     write_run_config(config, run_config)
+    (out / "metrics.json").unlink(missing_ok=True)  # success is judged by this run's metrics.json only
 
     with _stop_on_sigterm(), ExitStack() as stack:
         cli_env = stack.enter_context(running_superlink(run_dir, tls, host, port))

@@ -45,10 +45,12 @@ META_KEY = "__meta__"
 PACKED_FORMAT = "fedtiny-packed"
 PACKED_VERSION = 1
 ONNX_OPSET = 17
-FLOAT16_RTOL = 2e-3
+FLOAT16_RTOL = 1e-2
 """Stated tolerance of float16 packed files: max |logit difference| <= FLOAT16_RTOL * max(1, max |logit|).
 
-float16 rounds each kept weight by at most 2**-11 (about 4.9e-4) relative; BN and biases stay float32.
+float16 rounds each kept weight by up to 2**-11 (about 4.9e-4) relative and the errors of five
+layers add up (BN and biases stay float32); measured: 1.8e-3 relative on the Fashion-MNIST cnn at
+density 0.01, 3e-4 on the test model.
 """
 
 

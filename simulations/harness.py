@@ -121,7 +121,7 @@ def ray_head(num_cpus: int = 2) -> Iterator[tuple[str, subprocess.Popen, Path]]:
         _wait_for_ray(address, proc, temp)
         yield address, proc, temp
     finally:
-        stop_group(proc, grace=20.0)
+        stop_group(proc)
         log.close()
 
 

@@ -15,11 +15,12 @@ from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.loop import run_training, training_round
 from server.methods import METHODS
-from server.methods.feddst import global_masks_from
+from client.tasks import mask_changes
+from server.methods.feddst import global_masks_from, local_masks
 from server.methods.imp import prune_rounds
 from server.methods.prunefl import remask
 from shared import codec, protocol as p
-from shared.pruning import density, masks_from_scores
+from shared.pruning import masks_from_scores
 
 DENSITY = 0.05
 
@@ -102,11 +103,17 @@ def test_prunefl_changes_masks_at_its_interval_only(tmp_path):
     assert method.round_config(ctx, gm, 3) == {}  # never on the last round
 
 
-def _reply(node, state, masks, n):
+def _reply(node, global_masks, state, masks, n):
+    """A FedDST reply as the client sends it: values at global kept positions, plus mask changes."""
     content = RecordDict()
-    content[p.PAYLOAD] = ConfigRecord({p.UPDATE: codec.encode(state, masks, send_masks=True)})
+    content[p.PAYLOAD] = ConfigRecord({
+        p.UPDATE: codec.encode(state, global_masks, send_masks=False),
+        p.TOPK: codec.encode_sparse(mask_changes(global_masks, masks, state)),
+    })
     content[p.METRICS] = MetricRecord({p.NUM_EXAMPLES: n})
-    return Reply(node, content, 0)
+    reply = Reply(node, content, 0)
+    reply.decoded = codec.decode(content[p.PAYLOAD][p.UPDATE], masks=global_masks)[0]
+    return reply
 
 
 def test_feddst_averages_each_weight_over_the_clients_that_keep_it(tmp_path):
@@ -114,14 +121,21 @@ def test_feddst_averages_each_weight_over_the_clients_that_keep_it(tmp_path):
     ctx = run_context(config, FakeGrid(config), tmp_path)
     method = METHODS.get("feddst")(ctx)
     method.readjusting = True
-    gm = GlobalModel({"w": torch.tensor([1.0, 1.0, 0.0, 0.0]), "b": torch.zeros(1)}, {"w": torch.tensor([True, True, False, False])})
-    a = _reply(1, {"w": torch.tensor([2.0, 0.0, 6.0, 0.0]), "b": torch.tensor([1.0])}, {"w": torch.tensor([True, False, True, False])}, 1)
-    b = _reply(2, {"w": torch.tensor([4.0, 0.5, 0.0, 0.0]), "b": torch.tensor([4.0])}, {"w": torch.tensor([True, True, False, False])}, 3)
+    start = {"w": torch.tensor([True, True, False, False])}
+    gm = GlobalModel({"w": torch.tensor([1.0, 1.0, 0.0, 0.0]), "b": torch.zeros(1)}, start)
+    a = _reply(1, start, {"w": torch.tensor([2.0, 0.0, 6.0, 0.0]), "b": torch.tensor([1.0])}, {"w": torch.tensor([True, False, True, False])}, 1)
+    b = _reply(2, start, {"w": torch.tensor([4.0, 0.5, 0.0, 0.0]), "b": torch.tensor([4.0])}, start, 3)
     method.after_round(ctx, gm, 1, [a, b])
     # position 0: both keep it (2*1 + 4*3)/4; position 1 only b: 0.5; position 2 only a: 6 (not 6/4)
     assert gm.masks["w"].tolist() == [True, False, True, False]  # top-2 by aggregated magnitude
     assert torch.allclose(gm.state["w"], torch.tensor([3.5, 0.0, 6.0, 0.0]))
     assert torch.allclose(gm.state["b"], torch.tensor([3.25]))
+
+
+def test_feddst_ignores_mask_changes_that_alter_a_layer_count():
+    start = {"w": torch.tensor([True, True, False, False])}
+    changes = {"w": (torch.tensor([2]), torch.tensor([1.0]), (4,))}  # a grow without a drop
+    assert "0 drops but 1 grows" in local_masks(start, {"w": torch.zeros(4)}, changes)
 
 
 def test_feddst_global_mask_keeps_layer_counts_within_the_union():
@@ -140,8 +154,9 @@ def test_feddst_clients_readjust_their_masks_locally_at_constant_counts(tmp_path
     extra = method.round_config(ctx, gm, 1)
     assert extra["dst-fraction"] == pytest.approx(0.2)
     replies = training_round(ctx, gm, 1, extra)
+    assert len(replies) == config.fl.clients_per_round  # the shared update check accepts them
     for r in replies:
-        _, local = codec.decode(r.content[p.PAYLOAD][p.UPDATE], masks=global_masks)
+        local, _ = local_masks(global_masks, r.decoded, codec.decode_sparse(r.content[p.PAYLOAD][p.TOPK]))
         assert any(not torch.equal(local[n], global_masks[n]) for n in global_masks)
         assert _counts(local) == _counts(global_masks)
     method.after_round(ctx, gm, 1, replies)

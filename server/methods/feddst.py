@@ -11,10 +11,14 @@ Learning Better", AAAI 2022, https://arxiv.org/abs/2112.09824. Here:
   T = rounds // 2; it readjusts before its local epochs rather than after them as the
   authors' code does, so grown weights are trained before upload instead of arriving as
   zeros that the server's magnitude step would always discard;
-- the client uploads its weights with its own masks; the server averages each position over
-  the clients that keep it (`server.aggregate.mask_weighted_average`, sample-weighted) and
-  re-derives the global mask: per layer, the top nnz_l aggregated weights by magnitude, so
-  layer counts and the density stay exact.
+- the client uploads its weights at the global kept positions (so the shared update check
+  holds: a locally dropped weight reads 0 there) plus its mask changes as sparse (index, value)
+  pairs under ``topk``: a flip at a kept position is a drop, at a pruned position a grow with
+  its trained value; O(changes) extra bytes instead of a whole mask. FedDST checks them on its
+  own (`local_masks`), then averages each position over the clients that keep it
+  (`server.aggregate.mask_weighted_average`, sample-weighted) and re-derives the global mask:
+  per layer, the top nnz_l aggregated weights by magnitude, so layer counts and the density
+  stay exact.
 Other rounds are masked FedAvg. Client config keys: ``dst-fraction`` (alpha_t) and
 ``dst-batches`` (batches for the growth gradient), plus the shared training keys.
 """
@@ -38,16 +42,29 @@ ALPHA = 0.01  # readjustment ratio
 INTERVAL = 15  # rounds between readjustments
 
 
-def client_masks_reason(global_masks: Tensors, masks: Tensors) -> str | None:
-    """Why a client's readjusted masks are unusable (names, shapes or per-layer counts differ), or None."""
-    if set(masks) != set(global_masks):
-        return "mask names differ from the global masks"
-    for n, m in masks.items():
-        if m.shape != global_masks[n].shape:
-            return f"mask of {n} has shape {tuple(m.shape)}, expected {tuple(global_masks[n].shape)}"
-        if int(m.sum()) != int(global_masks[n].sum()):
-            return f"mask of {n} keeps {int(m.sum())} weights, expected {int(global_masks[n].sum())}"
-    return None
+def local_masks(global_masks: Tensors, state: Tensors, changes: dict) -> tuple[Tensors, Tensors] | str:
+    """A client's masks and full sparse state from its mask changes, or why they are unusable.
+
+    `changes` maps a layer to (flat indices, values, shape) of flipped positions: at globally kept
+    positions drops (value must be 0), at pruned ones grows; each layer must keep its count.
+    """
+    masks, out = dict(global_masks), dict(state)
+    for n, (idx, values, shape) in changes.items():
+        if n not in global_masks or tuple(shape) != tuple(global_masks[n].shape):
+            return f"mask change for {n} does not match a global mask"
+        flat = global_masks[n].reshape(-1)
+        dropped = flat[idx]
+        if int(dropped.sum()) != int((~dropped).sum()):
+            return f"layer {n}: {int(dropped.sum())} drops but {int((~dropped).sum())} grows"
+        if bool((values[dropped] != 0).any()):
+            return f"layer {n}: a dropped weight has a nonzero value"
+        new = flat.clone()
+        new[idx] = ~dropped
+        masks[n] = new.reshape(global_masks[n].shape)
+        weight = state[n].reshape(-1).clone()
+        weight[idx] = values.to(weight.dtype)
+        out[n] = weight.reshape(global_masks[n].shape)
+    return masks, out
 
 
 def global_masks_from(state: Tensors, client_masks: list[Tensors], counts: dict[str, int]) -> Tensors:
@@ -90,14 +107,17 @@ class FedDST(Method):
             return
         states, masks, weights = [], [], []
         for r in replies:
-            tensors, client = codec.decode(r.content[p.PAYLOAD][p.UPDATE], masks=gm.masks)
-            client = {n: client[n] for n in gm.masks if n in client}
-            reason = client_masks_reason(gm.masks, client)
-            if reason is not None:
-                ctx.recorder.note(f"feddst: node {r.node_id} masks ignored: {reason}")
+            blob = r.content[p.PAYLOAD].get(p.TOPK)
+            try:
+                changes = codec.decode_sparse(blob) if blob is not None else {}
+            except ValueError as exc:
+                changes = f"undecodable mask changes ({exc})"
+            got = changes if isinstance(changes, str) else local_masks(gm.masks, r.decoded, changes)
+            if isinstance(got, str):
+                ctx.recorder.note(f"feddst: node {r.node_id} mask changes ignored: {got}")
                 continue
-            states.append(tensors)
-            masks.append(client)
+            masks.append(got[0])
+            states.append(got[1])
             weights.append(int(r.content[p.METRICS][p.NUM_EXAMPLES]))
         if not states:
             return

@@ -1,0 +1,43 @@
+"""Each benchmark's --smoke version runs end to end and prints its figures as one JSON line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+KEYS = {
+    "scale": {"scale"},
+    "overhead": {"ratio", "fedavg_round_s", "fedtiny_round_s"},
+    "memory": {"memory"},
+    "ray-cluster": {"address", "jobs_before", "jobs_after", "ran_on_cluster"},
+}
+EXTRA = {"scale": ["--clients", "20"]}
+
+
+def run_bench(name: str, tmp_path: Path) -> dict:
+    cmd = [sys.executable, "-m", "simulations.bench", name, "--smoke", "--work-dir", str(tmp_path), *EXTRA.get(name, [])]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", sorted(KEYS))
+def test_smoke_prints_figures_as_last_json_line(name: str, tmp_path: Path) -> None:
+    result = run_bench(name, tmp_path)
+    assert result["benchmark"] == name and KEYS[name] <= set(result)
+
+
+@pytest.mark.integration
+def test_bytes_smoke_gives_density_ratio_and_bound_per_density(tmp_path: Path) -> None:
+    result = run_bench("bytes", tmp_path)
+    rows = result["bytes"]
+    assert result["benchmark"] == "bytes" and result["fedavg_bytes"] > 0
+    assert [r["density"] for r in rows] == [0.05, 0.01]
+    assert all(0 < r["bound"] <= r["ratio"] < 1 for r in rows)
