@@ -444,10 +444,10 @@ def channel_count(model: nn.Module) -> int:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """packed (codec magic), torchscript (zip archive) or onnx (.onnx suffix)."""
+    """packed (codec magic, plain or deflated), torchscript (zip archive) or onnx (.onnx suffix)."""
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:3] == codec.MAGIC:
+    if head[:3] in (codec.MAGIC, getattr(codec, "DEFLATE_MAGIC", codec.MAGIC)):  # plain or deflated codec file
         return "packed"
     if head[:2] == b"PK":
         return "torchscript"

@@ -83,8 +83,8 @@ def test_masked_float32_values_are_exact_with_default_dtype() -> None:
 
 def test_masked_float16_export_halves_value_bytes_and_keeps_dtype() -> None:
     t, m = random_tensor((40, 50), torch.float32), random_mask((40, 50), 0.5)
-    full = encode({"w": t}, {"w": m}, send_masks=False)
-    half = encode({"w": t}, {"w": m}, send_masks=False, dtype=torch.float16)
+    full = encode({"w": t}, {"w": m}, send_masks=False, compress=False)
+    half = encode({"w": t}, {"w": m}, send_masks=False, dtype=torch.float16, compress=False)
     assert len(full) - len(half) == 1000 * 2
     tensors, _ = decode(half, masks={"w": m})
     assert tensors["w"].dtype == torch.float32
@@ -110,8 +110,8 @@ def test_mixed_state_dict_round_trip_with_partial_mask_sending() -> None:
 
 def test_sent_masks_cost_bytes_and_known_masks_do_not() -> None:
     t, m = random_tensor((100, 100), torch.float32), random_mask((100, 100), 0.5)
-    with_mask = encode({"w": t}, {"w": m}, send_masks=True)
-    without = encode({"w": t}, {"w": m}, send_masks=False)
+    with_mask = encode({"w": t}, {"w": m}, send_masks=True, compress=False)
+    without = encode({"w": t}, {"w": m}, send_masks=False, compress=False)
     assert len(with_mask) - len(without) == 4 + 10000 // 8  # mask length field + bitmask
 
 
@@ -233,7 +233,7 @@ def test_sparse_encoding_is_small_at_low_density(density: float, bound: float) -
 
 
 def test_dense_float32_tensor_costs_its_bytes_plus_a_small_header() -> None:
-    data = encode({"w": torch.zeros(1000)})
+    data = encode({"w": torch.zeros(1000)}, compress=False)
     assert 4000 < len(data) <= 4000 + 32
 
 
@@ -243,11 +243,13 @@ def test_dense_float32_tensor_costs_its_bytes_plus_a_small_header() -> None:
 def small_payload() -> bytes:
     tensors = {"a": torch.tensor([1.0, -2.0, 3.5]), "b": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
     mask = torch.tensor([True, False, True])
-    return encode(tensors, {"a": mask})
+    return encode(tensors, {"a": mask}, compress=False)
 
 
 def small_payload_known_mask() -> bytes:
-    return encode({"a": torch.tensor([1.0, -2.0, 3.5])}, {"a": torch.tensor([True, False, True])}, send_masks=False)
+    return encode(
+        {"a": torch.tensor([1.0, -2.0, 3.5])}, {"a": torch.tensor([True, False, True])}, send_masks=False, compress=False
+    )
 
 
 def test_truncation_at_every_prefix_length_is_a_value_error() -> None:
@@ -484,3 +486,44 @@ def test_save_and_load_round_trip(tmp_path) -> None:
     assert_same(tensors["b"], torch.arange(3))
     assert_same(masks["w"], m)
     assert [p.name for p in tmp_path.iterdir()] == ["model.ftc"]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- deflate
+
+
+def compressible() -> dict[str, torch.Tensor]:
+    return {"bn.running_mean": torch.zeros(512), "bn.running_var": torch.ones(512), "w": torch.randn(64)}
+
+
+def test_redundant_payloads_are_deflated_and_round_trip_exactly() -> None:
+    tensors = compressible()
+    data = encode(tensors)
+    assert data[:3] == codec.DEFLATE_MAGIC and len(data) < len(encode(tensors, compress=False)) / 4
+    out, _ = decode(data)
+    assert all(torch.equal(out[n], tensors[n]) for n in tensors)
+
+
+def test_incompressible_payloads_stay_raw() -> None:
+    data = encode({"w": torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))})
+    assert data[:3] == codec.MAGIC
+
+
+def test_truncated_deflated_payload_is_a_value_error() -> None:
+    data = encode(compressible())
+    for n in range(len(data)):
+        with pytest.raises(ValueError):
+            decode(data[:n])
+
+
+def test_deflated_payload_claiming_a_huge_size_is_rejected_before_inflating() -> None:
+    data = bytearray(encode(compressible()))
+    data[4:12] = (2**40).to_bytes(8, "little")
+    with pytest.raises(ValueError, match="over the limit"):
+        decode(bytes(data))
+
+
+def test_corrupt_deflate_stream_is_a_value_error() -> None:
+    data = bytearray(encode(compressible()))
+    data[20] ^= 0xFF
+    with pytest.raises(ValueError):
+        decode(bytes(data))
