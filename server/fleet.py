@@ -51,14 +51,19 @@ class Traffic:
         return out
 
 
+def payload_blobs(content: RecordDict) -> list[bytes]:
+    """Every codec payload in a message's content (the `payload` record's bytes and lists of bytes)."""
+    if p.PAYLOAD not in content:
+        return []
+    blobs: list[bytes] = []
+    for value in content[p.PAYLOAD].values():
+        blobs += list(value) if isinstance(value, list) else [value]
+    return blobs
+
+
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of codec payloads in a message (the only large content we send)."""
-    if p.PAYLOAD not in content:
-        return 0
-    total = 0
-    for value in content[p.PAYLOAD].values():
-        total += sum(len(v) for v in value) if isinstance(value, list) else len(value)
-    return total
+    return sum(len(b) for b in payload_blobs(content))
 
 
 class Fleet:

@@ -7,33 +7,27 @@ grid keeps the payloads of both directions for `simulations.wire_bound`.
 
 from __future__ import annotations
 
-import itertools
 import traceback
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from shared import protocol as p
+from server.fleet import payload_blobs
 from shared.config import Config, to_flat
 
 
-def payload_blobs(content: RecordDict) -> list[bytes]:
-    """Every codec payload in a message's content (the `payload` record's bytes and lists of bytes)."""
-    if p.PAYLOAD not in content:
-        return []
-    blobs: list[bytes] = []
-    for value in content[p.PAYLOAD].values():
-        blobs += list(value) if isinstance(value, list) else [value]
-    return blobs
+class InProcessGrid:
+    """A stand-in for Flower's Grid: nodes 1000+i hold partition i, messages run the real ClientApp here.
 
+    Every payload sent or received is kept in `down` / `up` (message type, bytes), every message
+    in `sent`; `drop(node, message_type)` decides which messages never get a reply (a dead or
+    straggling client).
+    """
 
-class RecordingGrid:
-    """Nodes 1000+i hold partition i; every payload sent or received is kept in `down` / `up`."""
-
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, drop: Callable[[int, str], bool] = lambda node, kind: False) -> None:
         from client.app import app as client_app  # the ClientApp imports Flower's client side
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
@@ -41,6 +35,8 @@ class RecordingGrid:
         self.run_config = to_flat(config)
         self.nodes = {1000 + i: i for i in range(config.fl.num_clients)}
         self.states = {node: RecordDict() for node in self.nodes}
+        self.drop = drop
+        self.sent: list[Message] = []
         self.down: list[tuple[str, bytes]] = []
         self.up: list[tuple[str, bytes]] = []
 
@@ -50,10 +46,13 @@ class RecordingGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
-            kind = msg.metadata.message_type
+            kind, node = msg.metadata.message_type, msg.metadata.dst_node_id
+            self.sent.append(msg)
             self.down += [(kind, b) for b in payload_blobs(msg.content)]
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            reply = self._call(msg, msg.metadata.dst_node_id)
+            if node not in self.nodes or self.drop(node, kind):
+                continue
+            reply = self._call(msg, node)
             if not reply.has_error():
                 self.up += [(kind, b) for b in payload_blobs(reply.content)]
             replies.append(reply)
@@ -70,8 +69,8 @@ class RecordingGrid:
             return Message(Error(code=2, reason="".join(traceback.format_exception(exc))), reply_to=msg)
 
 
-def run_in_process(config: Config, out: Path) -> tuple[dict, RecordingGrid]:
-    """Run `config` with the real ServerApp logic on a `RecordingGrid`; returns metrics.json and the grid."""
+def run_in_process(config: Config, out: Path) -> tuple[dict, InProcessGrid]:
+    """Run `config` with the real ServerApp logic on an `InProcessGrid`; returns metrics.json and the grid."""
     import json
 
     import torch
@@ -80,6 +79,6 @@ def run_in_process(config: Config, out: Path) -> tuple[dict, RecordingGrid]:
 
     torch.set_num_threads(1)
     config.output_dir = str(out)
-    grid = RecordingGrid(config)
+    grid = InProcessGrid(config)
     run(grid, config)
     return json.loads((out / "metrics.json").read_text()), grid
