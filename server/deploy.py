@@ -32,8 +32,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from server.launch import (
     PROJECT_ROOT,
     RunFailed,
-    _follow,
-    _wait_for_port,
+    follow,
+    read_metrics,
+    wait_for_port,
     flower_env,
     free_port,
     stop_group,
@@ -266,7 +267,7 @@ def deploy_local(
             register_node(cli_env, key, f"node-{i}")
             stack.enter_context(running_supernode(run_dir, f"node-{i}", address, tls.ca_cert, key, i, nodes))
         _submit(cli_env, run_config, out / "run.log", config.fl.rounds, progress, echo)
-    return _read_metrics(out, run_dir)
+    return read_metrics(out, f"{out / 'run.log'} and the logs in {run_dir}")
 
 
 @contextmanager
@@ -279,7 +280,7 @@ def running_superlink(run_dir: Path, tls: TlsFiles, host: str, port: int) -> Ite
     write_connection(cli_home, f"{host}:{port}", tls.ca_cert)
     cmd = superlink_command(tls, host, port, log_file)
     with process(cmd, flower_env(home, port), run_dir / "superlink.out") as link:
-        _wait_for_port(port, link, log_file)
+        wait_for_port(port, link, log_file)
         yield flower_env(cli_home, port)
 
 
@@ -304,17 +305,6 @@ def _submit(env: dict[str, str], run_config: Path, log_path: Path, rounds: int, 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            _follow(proc, log, rounds, progress, echo)
+            follow(proc, log, rounds, progress, echo)
         finally:
             stop_group(proc)
-
-
-def _read_metrics(out: Path, run_dir: Path) -> dict:
-    path = out / "metrics.json"
-    if not path.exists():
-        raise RunFailed(f"the run wrote no metrics.json; see {out / 'run.log'} and the logs in {run_dir}")
-    metrics = json.loads(path.read_text())
-    summary = metrics.get("summary", {})
-    if "error" in summary or "accuracy" not in summary:
-        raise RunFailed(f"the run failed: {summary.get('error', 'no summary')}; see {out / 'run.log'}")
-    return metrics

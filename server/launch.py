@@ -79,7 +79,7 @@ def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[subprocess.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     pid_file.write_text(str(proc.pid))
     try:
-        _wait_for_port(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), proc, log_file)
+        wait_for_port(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), proc, log_file)
         yield proc
     finally:
         stop_group(proc)
@@ -121,7 +121,7 @@ def stop_tree(root: psutil.Process, grace: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -157,19 +157,25 @@ def simulate(config: Config, out: Path, progress: bool = True, echo: bool = True
     with local_superlink(env, flwr_home / "superlink.log"), open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            _follow(proc, log, config.fl.rounds, progress, echo)
+            follow(proc, log, config.fl.rounds, progress, echo)
         finally:
             stop_group(proc)
-    metrics_path = out / "metrics.json"
-    if not metrics_path.exists():
-        raise RunFailed(f"the run wrote no metrics.json; see {log_path} and {flwr_home / 'superlink.log'}")
-    metrics = json.loads(metrics_path.read_text())
-    if "error" in metrics.get("summary", {}) or "accuracy" not in metrics.get("summary", {}):
-        raise RunFailed(f"the run failed: {metrics['summary'].get('error', 'no summary')}; see {log_path}")
+    return read_metrics(out, f"{log_path} and {flwr_home / 'superlink.log'}")
+
+
+def read_metrics(out: Path, logs: str) -> dict:
+    """A finished run's metrics.json; RunFailed when the run wrote none or recorded an error."""
+    path = out / "metrics.json"
+    if not path.exists():
+        raise RunFailed(f"the run wrote no metrics.json; see {logs}")
+    metrics = json.loads(path.read_text())
+    summary = metrics.get("summary", {})
+    if "error" in summary or "accuracy" not in summary:
+        raise RunFailed(f"the run failed: {summary.get('error', 'no summary')}; see {logs}")
     return metrics
 
 
-def _follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool) -> None:
+def follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool) -> None:
     """Stream Flower's output to the log; show our progress lines and a live bar."""
     bar = None
     if progress:

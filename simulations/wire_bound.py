@@ -82,8 +82,9 @@ def _sparse_bound(blob: bytes) -> float:
 
 
 def blob_bound(blob: bytes) -> float:
-    """Lower bound in bytes for one codec payload (dense/masked `FTC` or sparse top-k `FTS`)."""
-    magic = bytes(blob[:3])
+    """Lower bound in bytes for one codec payload (dense/masked `FTC`, deflated `FTZ`, or sparse top-k `FTS`)."""
+    blob = codec.inflate(bytes(blob))
+    magic = blob[:3]
     if magic == codec.MAGIC:
         return _dense_bound(bytes(blob))
     if magic == codec.SPARSE_MAGIC:

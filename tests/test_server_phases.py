@@ -17,7 +17,7 @@ from server.global_model import GlobalModel
 from server.loop import training_round
 from server.methods import METHODS
 from shared import codec, protocol as p
-from shared.pruning import compute_masks, density
+from shared.pruning import density
 
 
 def test_weighted_average_weights_by_examples_and_keeps_pruned_zero():
