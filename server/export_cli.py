@@ -51,7 +51,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=_export)
 
     inf = subparsers.add_parser("infer", help="accuracy and CPU latency of exported models on a test split")
-    inf.add_argument("models", nargs="+", metavar="MODEL", help="exported files (format detected), timed in one process")
+    inf.add_argument("models", nargs="+", metavar="MODEL", help="exported files, timed in one process")
     inf.add_argument("--dataset", required=True, help="dataset name (as in dataset.name)")
     inf.add_argument("--dataset-path", default="", help="dataset location (default: the dataset's own)")
     inf.add_argument("--seed", type=int, default=0, help="the run's seed (digits draws its test split with it)")

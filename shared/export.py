@@ -83,7 +83,9 @@ class ModelSpec:
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"packed file has a corrupt {META_KEY} entry ({type(exc).__name__}: {exc})") from None
         if version != (PACKED_FORMAT, PACKED_VERSION):
-            raise ValueError(f"packed file is {version[0]} v{version[1]}; this build reads {PACKED_FORMAT} v{PACKED_VERSION}")
+            raise ValueError(
+                f"packed file is {version[0]} v{version[1]}; this build reads {PACKED_FORMAT} v{PACKED_VERSION}"
+            )
         return spec
 
 
