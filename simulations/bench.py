@@ -120,12 +120,14 @@ def bytes_(args: argparse.Namespace, work: Path) -> dict:
     from simulations.wire_bound import blob_bound
 
     overrides = ["fl.rounds=3"] if args.smoke else []
-    fedavg, _ = run_in_process(bench_config(args.smoke, overrides + ["method=fedavg"]), work / "fedavg")
+    fedavg, _ = run_in_process(bench_config(args.smoke, overrides + ["method=fedavg"], args.config), work / "fedavg")
     fedavg_bytes = fedavg["summary"]["bytes_up"] + fedavg["summary"]["bytes_down"]  # a real dense run, as a check
     rows = []
     for d in (0.05, 0.01):
         note(f"bytes: FedTiny at density {d}")
-        metrics, grid = run_in_process(bench_config(args.smoke, overrides + [f"pruning.density={d}"]), work / f"fedtiny-{d}")
+        metrics, grid = run_in_process(
+            bench_config(args.smoke, overrides + [f"pruning.density={d}"], args.config), work / f"fedtiny-{d}"
+        )
         s = metrics["summary"]
         dense = s["dense_bytes_up"] + s["dense_bytes_down"]
         sent = s["bytes_up"] + s["bytes_down"]
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--clients", type=int, nargs="*", help="scale only: fleet sizes to run (default 1000 10000)")
     parser.add_argument("--work-dir", type=Path, help="where runs write their outputs (default: a temp dir)")
+    parser.add_argument("--config", type=Path, help="bytes only: the job's YAML (default configs/fashion-mnist.yaml)")
     args = parser.parse_args(argv)
     work = args.work_dir or Path(tempfile.mkdtemp(prefix=f"bench-{args.name}-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ PLAIN_APP = Path(__file__).resolve().parent / "plain_flower"
 CONFIGS = PROJECT_ROOT / "configs"
 
 
-def bench_config(smoke: bool, overrides: list[str]) -> Config:
-    """configs/tiny.yaml (digits) for smoke runs, else configs/fashion-mnist.yaml, plus `overrides`."""
-    file = CONFIGS / ("tiny.yaml" if smoke else "fashion-mnist.yaml")
+def bench_config(smoke: bool, overrides: list[str], file: Path | None = None) -> Config:
+    """configs/tiny.yaml (digits) for smoke runs, else `file` or configs/fashion-mnist.yaml, plus `overrides`."""
+    file = CONFIGS / "tiny.yaml" if smoke else file or CONFIGS / "fashion-mnist.yaml"
     return load_config(file, overrides)
 
 
