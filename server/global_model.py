@@ -21,7 +21,7 @@ class GlobalModel:
         self.version = 0
         self.layer_version: dict[str, int] = {}
         self.node_version: dict[int, int] = {}
-        self._dense_bytes = len(codec.encode(self.state))
+        self._dense_bytes = len(codec.encode(self.state, compress=False))
         if masks:
             self.set_masks(masks)
 
@@ -63,5 +63,5 @@ class GlobalModel:
         return 2 * self.dense_bytes() + 65536
 
     def dense_bytes(self) -> int:
-        """What dense FedAvg sends for this model, each way, per client."""
+        """What dense float32 FedAvg sends for this model, each way, per client (uncompressed)."""
         return self._dense_bytes

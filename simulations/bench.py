@@ -117,6 +117,7 @@ def bytes_(args: argparse.Namespace, work: Path) -> dict:
     every payload is kept for the bound.
     """
     from simulations.inprocess import run_in_process
+    from shared import codec
     from simulations.wire_bound import blob_bound
 
     overrides = ["fl.rounds=3"] if args.smoke else []
@@ -132,6 +133,7 @@ def bytes_(args: argparse.Namespace, work: Path) -> dict:
         dense = s["dense_bytes_up"] + s["dense_bytes_down"]
         sent = s["bytes_up"] + s["bytes_down"]
         bound = sum(blob_bound(b) for _, b in grid.down + grid.up)
+        raw = sum(len(codec.inflate(b)) for _, b in grid.down + grid.up)  # the same payloads without deflate
         by_kind: dict[str, int] = {}
         for kind, b in grid.down + grid.up:
             by_kind[kind] = by_kind.get(kind, 0) + len(b)
@@ -139,6 +141,7 @@ def bytes_(args: argparse.Namespace, work: Path) -> dict:
             "density": d,
             "ratio": round(sent / dense, 5),
             "bound": round(bound / dense, 5),
+            "raw_ratio": round(raw / dense, 5),
             "ratio_vs_fedavg_run": round(sent / fedavg_bytes, 5),
             "bytes": sent,
             "dense_bytes": dense,

@@ -40,4 +40,6 @@ def test_bytes_smoke_gives_density_ratio_and_bound_per_density(tmp_path: Path) -
     rows = result["bytes"]
     assert result["benchmark"] == "bytes" and result["fedavg_bytes"] > 0
     assert [r["density"] for r in rows] == [0.05, 0.01]
-    assert all(0 < r["bound"] <= r["ratio"] < 1 for r in rows)
+    # The bound counts dense tensors (BN buffers, biases) at full size, so deflate may go below it;
+    # the raw payloads (what deflate compresses) can never beat it.
+    assert all(0 < r["bound"] <= r["raw_ratio"] and r["ratio"] <= r["raw_ratio"] and r["ratio"] < 1 for r in rows)
