@@ -21,7 +21,7 @@ app = ClientApp()
 
 
 def _run(handler, msg: Message, context: Context) -> Message:
-    runtime = client_runtime(context)
+    runtime = client_runtime(context, msg.content)
     content = handler(runtime, msg.content, context.state)
     return Message(content, reply_to=msg)
 

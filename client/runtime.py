@@ -11,8 +11,9 @@ from functools import lru_cache
 from typing import Callable, Iterable
 
 import torch
-from flwr.app import Context
+from flwr.app import Context, RecordDict
 
+from shared import protocol as p
 from shared.config import Config, from_flat
 from shared.data import DataBundle, batches, load_dataset
 from shared.models import build_model
@@ -40,17 +41,31 @@ class ClientRuntime:
         return list(batches(self.bundle, d.x_holdout, d.y_holdout, self.config.fl.batch_size, False, 0))
 
 
-def client_runtime(context: Context) -> ClientRuntime:
-    """Parse the run config once per process (the entry point of config on the client side)."""
+def client_runtime(context: Context, content: RecordDict) -> ClientRuntime:
+    """Parse the run config once per process (the entry point of config on the client side).
+
+    The data is the node's own partition (`partition-id` in its node config), except in a
+    simulation with `simulation.virtual_partitions`, where the server names it in each message.
+    """
     flat = tuple(sorted(context.run_config.items()))
     node = context.node_config
-    return _runtime(flat, int(node["partition-id"]), int(node["num-partitions"]))
+    partition = int(node["partition-id"])
+    if _config(flat).simulation.virtual_partitions:
+        if p.CONFIG not in content or p.ACTING_PARTITION not in content[p.CONFIG]:
+            raise ValueError("simulation.virtual_partitions is on but the message names no partition")
+        partition = int(content[p.CONFIG][p.ACTING_PARTITION])
+    return _runtime(flat, partition, int(node["num-partitions"]))
+
+
+@lru_cache(maxsize=8)
+def _config(flat: tuple) -> Config:
+    torch.set_num_threads(1)
+    return from_flat(dict(flat))
 
 
 @lru_cache(maxsize=64)
 def _runtime(flat: tuple, partition_id: int, num_partitions: int) -> ClientRuntime:
-    torch.set_num_threads(1)
-    config = from_flat(dict(flat))
+    config = _config(flat)
     if num_partitions != config.fl.num_clients:
         raise ValueError(
             f"this node belongs to a federation of {num_partitions} partitions but fl.num_clients="

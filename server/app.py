@@ -60,7 +60,9 @@ def run(grid: Grid, config: Config) -> Path:
     d = config.dataset
     recorder = Recorder(config.fl.rounds)
     recorder.note(f"output directory {out}")
-    fleet = Fleet(grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout)
+    fleet = Fleet(
+        grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout, config.simulation.virtual_partitions
+    )
     try:
         bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
         ctx = RunContext(config, fleet, bundle, recorder, out)

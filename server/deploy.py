@@ -245,6 +245,8 @@ def deploy_local(
         raise ConfigError(f"--nodes must be at least 1, got {nodes}")
     if nodes != config.fl.num_clients:
         raise ConfigError(f"--nodes {nodes} but fl.num_clients={config.fl.num_clients}; they must match (one partition per node)")
+    if config.simulation.virtual_partitions:
+        raise ConfigError("simulation.virtual_partitions is for simulations; SuperNodes hold their own data, set it to false")
     host = "127.0.0.1"
     if port is None:
         port = free_port()

@@ -67,8 +67,9 @@ def payload_bytes(content: RecordDict) -> int:
 
 
 class Fleet:
-    def __init__(self, grid: Grid, num_clients: int, min_replies: float, timeout: float) -> None:
+    def __init__(self, grid: Grid, num_clients: int, min_replies: float, timeout: float, virtual: bool = False) -> None:
         self.grid = grid
+        self.virtual = virtual
         self.num_clients = num_clients
         self.min_replies = min_replies
         self.timeout = timeout
@@ -78,12 +79,21 @@ class Fleet:
         self._by_partition: list[int] = []
 
     def register(self) -> None:
-        """Wait for all nodes, then learn each node's partition so sampling is reproducible by seed."""
+        """Wait for all nodes, then learn each node's partition so sampling is reproducible by seed.
+
+        With virtual partitions (simulation only) node i of the sorted ids is told it holds
+        partition i in every message, so a fleet of thousands needs no registration round.
+        """
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         while len(nodes := sorted(self.grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
                 raise NotEnoughReplies(f"only {len(nodes)} of fl.num_clients={self.num_clients} nodes connected")
             time.sleep(0.2)
+        if self.virtual:
+            self.partition_of = {n: i for i, n in enumerate(nodes[: self.num_clients])}
+            self._by_partition = list(self.partition_of)
+            log.info("assigned %d partitions to virtual clients", len(self._by_partition))
+            return
         replies = self.exchange({n: RecordDict() for n in nodes}, p.HELLO)
         for r in replies:
             metrics = r.content[p.METRICS]
@@ -103,6 +113,8 @@ class Fleet:
         """Send one message per node and collect the replies that arrive in time; errors are logged."""
         messages = []
         for node_id, content in requests.items():
+            if self.virtual:
+                content = self._with_partition(content, node_id)
             self.traffic.down += payload_bytes(content)
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
         replies = []
@@ -154,6 +166,16 @@ class Fleet:
             f"{message_type}: only {len(accepted)} usable replies from {len(sampled)} clients, need {needed} "
             "(check client errors above; lower fl.min_replies or raise fl.round_timeout)"
         )
+
+    def _with_partition(self, content: RecordDict, node_id: int) -> RecordDict:
+        """A copy of `content` whose config tells a virtual client which partition it holds."""
+        out = RecordDict()
+        for key, record in content.items():
+            out[key] = record
+        config = ConfigRecord(dict(content[p.CONFIG])) if p.CONFIG in content else ConfigRecord()
+        config[p.ACTING_PARTITION] = self.partition_of[node_id]
+        out[p.CONFIG] = config
+        return out
 
     def _fail(self, node: int, message_type: str, reason: str) -> None:
         self.traffic.failures.append(self._log(node, message_type, reason))

@@ -83,6 +83,9 @@ class SimulationConfig:
     num_cpus: int = 2  # CPUs Ray may use when it starts its own cluster
     ray_address: str = ""  # join this running Ray cluster ("auto" or host:port) instead of starting one
     fail_fraction: float = 0.0  # fraction of sampled clients made to fail each round (fault drills)
+    # Simulation only: the server tells each virtual client which partition it holds (node i of the
+    # sorted node ids holds partition i), so no registration round over the whole fleet is needed.
+    virtual_partitions: bool = False
 
 
 @dataclass

@@ -34,3 +34,6 @@ LOSS = "loss"
 ACCURACY = "accuracy"
 LOSS_SUMS = "loss-sums"
 PARTITION = "partition-id"
+
+# Config keys
+ACTING_PARTITION = "partition"  # simulation.virtual_partitions: the partition a virtual client holds

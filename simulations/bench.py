@@ -50,15 +50,15 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
     for n in sizes:
         config = bench_config(args.smoke, [
             f"fl.num_clients={n}", f"fl.clients_per_round={per_round}", f"fedtiny.search_clients={per_round}",
-            f"fl.rounds={2 if args.smoke else 3}",
+            f"fl.rounds={2 if args.smoke else 3}", "simulation.virtual_partitions=true",
         ])
         out = work / f"scale-{n}"
         note(f"scale: {n} clients, {per_round} per round, {config.fl.rounds} rounds -> {out}")
         start = time.monotonic()
-        with TreeMonitor(marker=str(out)) as mon, LineClock(out / "run.log", ["output directory", "registered"]) as clock:
+        with TreeMonitor(marker=str(out)) as mon, LineClock(out / "run.log", ["output directory", "partitions to virtual clients"]) as clock:
             metrics = run_fedtiny(config, out)
         rounds = [r for r in metrics["rounds"] if r["round"] >= 1]
-        registered = clock.seen.get("registered")
+        registered = clock.seen.get("partitions to virtual clients")
         began = clock.seen.get("output directory")
         runs.append({
             "clients": n,

@@ -21,6 +21,8 @@ def tiny_config(tmp_path: Path, *overrides: str) -> Config:
 def run_context(config: Config, grid, tmp_path: Path) -> RunContext:
     d = config.dataset
     bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
-    fleet = Fleet(grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout)
+    fleet = Fleet(
+        grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout, config.simulation.virtual_partitions
+    )
     fleet.register()
     return RunContext(config, fleet, bundle, Recorder(config.fl.rounds), tmp_path)

@@ -115,3 +115,15 @@ def test_whole_run_is_deterministic_and_writes_outputs(tmp_path):
             assert (out / f).exists(), f
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
+def test_virtual_partitions_skip_registration_and_give_the_same_run(tmp_path):
+    results = []
+    for sub, virtual in (("hello", "false"), ("virtual", "true")):
+        config = tiny_config(tmp_path / sub, f"simulation.virtual_partitions={virtual}")
+        grid = FakeGrid(config)
+        out = run(grid, config)
+        results.append(json.loads((out / "metrics.json").read_text())["summary"]["accuracy"])
+        hellos = [m for m in grid.sent if m.metadata.message_type == p.HELLO]
+        assert len(hellos) == (0 if virtual == "true" else config.fl.num_clients)
+    assert results[0] == results[1]
