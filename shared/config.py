@@ -67,7 +67,7 @@ class FedTinyConfig:
     abns: bool = True  # adaptive batch-norm selection among candidates (False: first candidate)
     progressive: bool = True  # progressive layer-wise prune/grow after selection
     allocations: list[str] = field(default_factory=lambda: ["uniform-noise", "global", "erk", "lamp"])
-    scores: list[str] = field(default_factory=lambda: ["magnitude"])
+    scores: list[str] = field(default_factory=lambda: ["magnitude", "synflow"])
     search_clients: int = 10  # clients sampled for BN recalibration and candidate evaluation
     score_batches: int = 2  # local batches for client-computed scores (SNIP)
     adjust_interval: int = 5  # dT: rounds between block adjustments
