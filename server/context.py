@@ -54,6 +54,11 @@ class RunContext:
         names = prunable_parameters(model)
         return names[1:] if self.config.pruning.keep_first_dense else names
 
+    def dense_layers(self, model: torch.nn.Module) -> list[str]:
+        """Prunable weights that stay dense (the first layer when `pruning.keep_first_dense`)."""
+        keep = set(self.prunable(model))
+        return [n for n in prunable_parameters(model) if n not in keep]
+
     def blocks(self, model: torch.nn.Module) -> list[list[str]]:
         keep = set(self.prunable(model))
         return [b for b in ([n for n in block if n in keep] for block in prunable_blocks(model)) if b]

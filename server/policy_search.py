@@ -51,8 +51,7 @@ def client_scores(ctx: RunContext, model: torch.nn.Module, score: str) -> Tensor
 def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]:
     """One candidate per (allocation, score) pair; identical masks are kept once."""
     c = ctx.config
-    names = ctx.prunable(model)
-    dense = [n for n in _all_prunable(ctx, model) if n not in names]
+    dense = ctx.dense_layers(model)
     out: list[Candidate] = []
     for score in c.fedtiny.scores:
         averaged = client_scores(ctx, model, score) if score in DATA_SCORES else None
@@ -64,12 +63,6 @@ def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]
             if not any(all(torch.equal(m, other.masks[n]) for n, m in masks.items()) for other in out):
                 out.append(Candidate(f"{allocation}+{score}", masks))
     return out
-
-
-def _all_prunable(ctx: RunContext, model: torch.nn.Module) -> list[str]:
-    from shared.models import prunable_parameters
-
-    return prunable_parameters(model)
 
 
 def candidate_payload(state: Tensors, masks: Tensors) -> bytes:

@@ -32,7 +32,6 @@ from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
-from server.methods.snip import dense_layers
 from shared import codec, protocol as p
 from shared.pruning import compute_masks, keep_top
 from shared.pruning.schedule import cosine_fraction
@@ -92,7 +91,7 @@ class FedDST(Method):
         c = ctx.config
         if c.pruning.density >= 1.0:
             return GlobalModel(model.state_dict())
-        masks = compute_masks(model, c.pruning.density, "magnitude", "erk", seed=c.seed, keep_dense=dense_layers(ctx, model))
+        masks = compute_masks(model, c.pruning.density, "magnitude", "erk", seed=c.seed, keep_dense=ctx.dense_layers(model))
         return GlobalModel(model.state_dict(), masks)
 
     def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:

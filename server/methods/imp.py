@@ -23,7 +23,6 @@ from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
-from server.methods.snip import dense_layers
 from shared.pruning import full_masks, masks_from_scores
 
 
@@ -51,7 +50,7 @@ class IMP(Method):
         model = self.initial_model(ctx)
         if ctx.config.pruning.density >= 1.0:
             return GlobalModel(model.state_dict())
-        self.dense = dense_layers(ctx, model)
+        self.dense = ctx.dense_layers(model)
         return GlobalModel(model.state_dict(), full_masks(model, ctx.prunable(model) + self.dense))
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:

@@ -31,7 +31,6 @@ from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
-from server.methods.snip import dense_layers
 from shared import codec, protocol as p
 from shared.pruning import average_scores, compute_masks
 
@@ -69,7 +68,7 @@ class PruneFL(Method):
         c = ctx.config
         if c.pruning.density >= 1.0:
             return GlobalModel(model.state_dict())
-        self.dense = dense_layers(ctx, model)
+        self.dense = ctx.dense_layers(model)
         masks = compute_masks(model, c.pruning.density, "magnitude", "global", seed=c.seed, keep_dense=self.dense)
         return GlobalModel(model.state_dict(), masks)
 

@@ -18,16 +18,9 @@ from server import policy_search
 from server.context import RunContext
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
-from shared.models import prunable_parameters
 from shared.pruning import masks_from_scores
 
 Tensors = dict[str, torch.Tensor]
-
-
-def dense_layers(ctx: RunContext, model: torch.nn.Module) -> list[str]:
-    """Prunable weights that stay dense (the first layer when `pruning.keep_first_dense`)."""
-    keep = set(ctx.prunable(model))
-    return [n for n in prunable_parameters(model) if n not in keep]
 
 
 @METHODS.register("snip")
@@ -42,6 +35,6 @@ class Snip(Method):
         if c.pruning.density >= 1.0:
             return GlobalModel(model.state_dict())
         self.scores = policy_search.client_scores(ctx, model, "snip")
-        masks = masks_from_scores(self.scores, c.pruning.density, "global", c.seed, keep_dense=dense_layers(ctx, model))
+        masks = masks_from_scores(self.scores, c.pruning.density, "global", c.seed, keep_dense=ctx.dense_layers(model))
         ctx.recorder.note(f"snip: pruned at initialization from scores of {c.fedtiny.search_clients} clients")
         return GlobalModel(model.state_dict(), masks)

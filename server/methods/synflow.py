@@ -13,7 +13,6 @@ from __future__ import annotations
 from server.context import RunContext
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
-from server.methods.snip import dense_layers
 from shared.pruning import compute_masks
 
 
@@ -24,6 +23,6 @@ class SynFlow(Method):
         c = ctx.config
         if c.pruning.density >= 1.0:
             return GlobalModel(model.state_dict())
-        masks = compute_masks(model, c.pruning.density, "synflow", "global", seed=c.seed, keep_dense=dense_layers(ctx, model))
+        masks = compute_masks(model, c.pruning.density, "synflow", "global", seed=c.seed, keep_dense=ctx.dense_layers(model))
         ctx.recorder.note("synflow: pruned at initialization without data")
         return GlobalModel(model.state_dict(), masks)
