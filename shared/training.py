@@ -2,8 +2,8 @@
 
 Masked training follows FedTiny's phase 2 (H. Huang et al., "Distributed Pruning Towards Tiny
 Neural Networks in Federated Learning", ICDCS 2023, https://arxiv.org/abs/2212.01977): the mask
-is applied after every optimizer step and the optimizer state of pruned weights is reset, so a
-client only ever moves its sparse model; for the layers being adjusted, the gradient at pruned
+holds at every step and pruned weights keep no optimizer state (`MaskedSGD`), so a client only
+ever moves its sparse model; for the layers being adjusted, the gradient at pruned
 positions is summed over the last local epoch and only its top-k (indices, values) leave the
 client, keeping the upload O(k) instead of a dense gradient.
 
@@ -84,16 +84,47 @@ def _check_grad_layers(grad_layers: Mapping[str, int], masks: Mapping[str, Tenso
             raise ValueError(f"grad_layers[{name!r}] = {k}; k must be >= 0")
 
 
-@torch.no_grad()
-def enforce_masks(model: nn.Module, optimizer: torch.optim.Optimizer, masks: Mapping[str, Tensor]) -> None:
-    """Zero the pruned weights and their momentum buffers, so pruned weights keep no optimizer state."""
-    params = dict(model.named_parameters())
-    for name, mask in masks.items():
-        param = params[name]
-        param.mul_(mask)
-        buf = optimizer.state.get(param, {}).get("momentum_buffer")
-        if buf is not None:
-            buf.mul_(mask)
+class MaskedSGD:
+    """SGD with momentum whose state for a masked weight covers its kept positions only.
+
+    The update is torch.optim.SGD's (dampening 0, no Nesterov: buf = mu * buf + g + wd * w;
+    w -= lr * buf), restricted to kept weights, so pruned weights never move and keep no
+    optimizer state at all: a masked layer's momentum is nnz values, not a dense buffer.
+    Unmasked parameters (batch norm, biases, dense layers) use torch.optim.SGD.
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, Tensor], lr: float, momentum: float, weight_decay: float) -> None:
+        params = dict(model.named_parameters())
+        self.masked = [(params[n], m.reshape(-1).nonzero().squeeze(1)) for n, m in masks.items()]
+        masked_ids = {id(p) for p, _ in self.masked}
+        rest = [p for p in model.parameters() if id(p) not in masked_ids]
+        self.dense = torch.optim.SGD(rest, lr=lr, momentum=momentum, weight_decay=weight_decay) if rest else None
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[Tensor | None] = [None] * len(self.masked)
+
+    def zero_grad(self) -> None:
+        if self.dense:
+            self.dense.zero_grad(set_to_none=True)
+        for param, _ in self.masked:
+            param.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.dense:
+            self.dense.step()
+        for i, (param, kept) in enumerate(self.masked):
+            if param.grad is None:
+                continue
+            flat = param.view(-1)
+            g = param.grad.view(-1)[kept]
+            if self.weight_decay:
+                g = g + self.weight_decay * flat[kept]
+            if self.momentum:
+                buf = self.buffers[i]
+                self.buffers[i] = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
+                g = self.buffers[i]
+            flat.index_add_(0, kept, g, alpha=-self.lr)
+            param.grad = None  # the dense gradient is not kept between steps
 
 
 def train_masked(
@@ -108,9 +139,8 @@ def train_masked(
 ) -> TrainResult:
     """Train with SGD while keeping pruned weights exactly zero; optionally report top-k pruned gradients.
 
-    After every step the masks are re-applied and the momentum of pruned positions is zeroed;
-    gradients are masked before the step so neither momentum nor weight decay moves a pruned
-    weight. `masks` None trains densely. `grad_layers` maps a masked parameter name to k: during
+    Masked weights are updated by `MaskedSGD` at their kept positions only, so pruned weights
+    stay exactly zero and keep no optimizer state. `masks` None trains densely. `grad_layers` maps a masked parameter name to k: during
     the last epoch that parameter's gradient at pruned positions is summed over batches (one
     buffer per named layer only) and its top-k by magnitude is returned as (flat indices,
     values) by `shared.pruning.prune_grow.topk_pruned`.
@@ -124,8 +154,7 @@ def train_masked(
     params = dict(model.named_parameters())
     masks = {n: m.to(device=device, dtype=torch.bool) for n, m in (masks or {}).items()}
     apply_masks(model, masks)
-    masked = [(params[n], m) for n, m in masks.items()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = MaskedSGD(model, masks, lr, momentum, weight_decay)
 
     grad_sums: dict[str, Tensor] = {}
     loss_total, seen_total, last_epoch_examples = 0.0, 0, 0
@@ -139,18 +168,14 @@ def train_masked(
             if len(y) < 2:  # batch norm cannot train on a single example (a client's last batch)
                 continue
             x, y = x.to(device), y.to(device)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             with torch.no_grad():
                 for n, buf in grad_sums.items():
                     if params[n].grad is not None:
                         buf.add_(params[n].grad.masked_fill(masks[n], 0.0))
-                for param, mask in masked:
-                    if param.grad is not None:
-                        param.grad.mul_(mask)
             optimizer.step()
-            enforce_masks(model, optimizer, masks)
             loss_total += float(loss.detach()) * len(y)
             examples += len(y)
         seen_total += examples

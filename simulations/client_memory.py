@@ -83,7 +83,7 @@ def measure(model_name: str, shape: tuple[int, ...], density: float, batch_size:
         "tensors_mb": {
             "weights": round(weights / MB, 3),
             "grads": round(grads / MB, 3),
-            "momentum": round(weights / MB, 3),  # SGD keeps a dense momentum buffer for every parameter
+            "momentum": round(active * 4 / MB, 3),  # MaskedSGD: kept positions of masked layers, all of the rest
             "topk_buffer": round(topk_buffer / MB, 3),
         },
         "sparse_minimum_mb": {
