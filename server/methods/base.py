@@ -9,6 +9,7 @@ from server.fleet import Reply
 from server.global_model import GlobalModel
 from shared.data import batches
 from shared.partition import server_warmup_set
+from shared.pruning import compute_masks
 from shared.registry import Registry
 from shared.training import warmup
 
@@ -25,6 +26,15 @@ class Method:
     def prepare(self, ctx: RunContext) -> GlobalModel:
         """The starting global model and masks (may talk to clients, e.g. a policy search)."""
         return GlobalModel(self.initial_model(ctx).state_dict())
+
+    def pruned_at_start(self, ctx: RunContext, score: str, allocation: str) -> GlobalModel:
+        """The starting model pruned once by a server-side score and allocation (dense at density 1)."""
+        model = self.initial_model(ctx)
+        c = ctx.config
+        if c.pruning.density >= 1.0:
+            return GlobalModel(model.state_dict())
+        masks = compute_masks(model, c.pruning.density, score, allocation, seed=c.seed, keep_dense=ctx.dense_layers(model))
+        return GlobalModel(model.state_dict(), masks)
 
     def initial_model(self, ctx: RunContext) -> torch.nn.Module:
         """The seeded model, warmed up on the server when configured (the same start for every method)."""

@@ -33,7 +33,7 @@ from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
 from shared import codec, protocol as p
-from shared.pruning import compute_masks, keep_top
+from shared.pruning import keep_top
 from shared.pruning.schedule import cosine_fraction
 
 Tensors = dict[str, torch.Tensor]
@@ -87,12 +87,7 @@ class FedDST(Method):
         self.t_end = max(1, ctx.config.fl.rounds // 2)
 
     def prepare(self, ctx: RunContext) -> GlobalModel:
-        model = self.initial_model(ctx)
-        c = ctx.config
-        if c.pruning.density >= 1.0:
-            return GlobalModel(model.state_dict())
-        masks = compute_masks(model, c.pruning.density, "magnitude", "erk", seed=c.seed, keep_dense=ctx.dense_layers(model))
-        return GlobalModel(model.state_dict(), masks)
+        return self.pruned_at_start(ctx, "magnitude", "erk")
 
     def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
         fraction = cosine_fraction(self.alpha, t - 1, self.t_end)

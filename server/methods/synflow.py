@@ -13,16 +13,11 @@ from __future__ import annotations
 from server.context import RunContext
 from server.global_model import GlobalModel
 from server.methods.base import METHODS, Method
-from shared.pruning import compute_masks
 
 
 @METHODS.register("synflow")
 class SynFlow(Method):
     def prepare(self, ctx: RunContext) -> GlobalModel:
-        model = self.initial_model(ctx)
-        c = ctx.config
-        if c.pruning.density >= 1.0:
-            return GlobalModel(model.state_dict())
-        masks = compute_masks(model, c.pruning.density, "synflow", "global", seed=c.seed, keep_dense=ctx.dense_layers(model))
+        gm = self.pruned_at_start(ctx, "synflow", "global")
         ctx.recorder.note("synflow: pruned at initialization without data")
-        return GlobalModel(model.state_dict(), masks)
+        return gm
