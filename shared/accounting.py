@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shared import codec
+from shared.models import dummy_forward
 from shared.pruning.params import PRUNABLE_MODULES, prunable_names
 
 
@@ -75,15 +76,9 @@ def flops(
         for name, module in model.named_modules()
         if isinstance(module, PRUNABLE_MODULES)
     ]
-    was_training = model.training
-    reference = next(model.parameters(), None)
-    device = reference.device if reference is not None else torch.device("cpu")
-    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
     try:
-        model.eval()
-        model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+        dummy_forward(model, input_shape)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return totals

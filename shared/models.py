@@ -217,19 +217,29 @@ def _forward_order(model: nn.Module, modules: list[tuple[str, nn.Module]], input
                 order.append(name)
 
         handles.append(module.register_forward_hook(hook))
+    try:
+        dummy_forward(model, input_shape)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+@torch.no_grad()
+def dummy_forward(model: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """One eval-mode forward pass of a zero input (1, *input_shape), for hooks that inspect the model.
+
+    The model's train/eval mode is restored; BN statistics do not move in eval mode.
+    """
     was_training = model.training
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     try:
         model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
+        model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
     finally:
         model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return order
 
 
 def _blocks_by_top_level(names: list[str]) -> list[list[str]]:

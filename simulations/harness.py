@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Iterator
 
 from server.launch import PROJECT_ROOT, federation_config, flower_env, free_port, local_superlink, simulate, stop_group
 from shared.config import Config, load_config, to_yaml
+from simulations.monitor import Poller
 
 PLAIN_APP = Path(__file__).resolve().parent / "plain_flower"
 CONFIGS = PROJECT_ROOT / "configs"
@@ -29,38 +29,28 @@ def bench_config(smoke: bool, overrides: list[str], file: Path | None = None) ->
     return load_config(file, overrides)
 
 
-class LineClock:
+class LineClock(Poller):
     """Watches a growing log file and notes when a line containing each pattern first appears."""
 
     def __init__(self, path: Path, patterns: list[str], interval: float = 0.1) -> None:
-        self.path, self.patterns, self.interval = path, patterns, interval
+        super().__init__(interval)
+        self.path, self.patterns = path, patterns
         self.seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._pos = 0
 
-    def __enter__(self) -> "LineClock":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        pos = 0
-        while not self._stop.is_set():
-            if self.path.exists():
-                with open(self.path, errors="replace") as f:
-                    f.seek(pos)
-                    text = f.read()
-                    cut = text.rfind("\n") + 1
-                    pos += len(text[:cut].encode(errors="replace"))
-                now = time.monotonic()
-                for line in text[:cut].splitlines():
-                    for pattern in self.patterns:
-                        if pattern in line and pattern not in self.seen:
-                            self.seen[pattern] = now
-            self._stop.wait(self.interval)
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, errors="replace") as f:
+            f.seek(self._pos)
+            text = f.read()
+            cut = text.rfind("\n") + 1
+            self._pos += len(text[:cut].encode(errors="replace"))
+        now = time.monotonic()
+        for line in text[:cut].splitlines():
+            for pattern in self.patterns:
+                if pattern in line and pattern not in self.seen:
+                    self.seen[pattern] = now
 
 
 def run_fedtiny(config: Config, out: Path) -> dict:

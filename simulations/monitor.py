@@ -91,17 +91,15 @@ def memory_mb(pids: list[int]) -> tuple[float, float, list[str]]:
     return rss / 1024, pss / 1024, names
 
 
-class TreeMonitor:
-    """`with TreeMonitor(marker) as m: ...`, then read `m.result` (this process itself is left out)."""
+class Poller:
+    """A context manager that calls `poll()` every `interval` seconds on a background thread."""
 
-    def __init__(self, marker: str = "", interval: float = 0.5) -> None:
-        self.marker = marker
+    def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.result = TreeMemory()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "TreeMonitor":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -110,13 +108,28 @@ class TreeMonitor:
         self._thread.join()
 
     def _loop(self) -> None:
-        me = os.getpid()
         while not self._stop.is_set():
-            rss, pss, names = memory_mb(tree(me, self.marker))
-            r = self.result
-            r.samples += 1
-            r.peak_rss_mb = max(r.peak_rss_mb, rss)
-            r.peak_pss_mb = max(r.peak_pss_mb, pss)
-            r.max_processes = max(r.max_processes, len(names))
-            r.names.update(names)
+            self.poll()
             self._stop.wait(self.interval)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+
+class TreeMonitor(Poller):
+    """`with TreeMonitor(marker) as m: ...`, then read `m.result` (this process itself is left out)."""
+
+    def __init__(self, marker: str = "", interval: float = 0.5) -> None:
+        super().__init__(interval)
+        self.marker = marker
+        self.result = TreeMemory()
+        self._me = os.getpid()
+
+    def poll(self) -> None:
+        rss, pss, names = memory_mb(tree(self._me, self.marker))
+        r = self.result
+        r.samples += 1
+        r.peak_rss_mb = max(r.peak_rss_mb, rss)
+        r.peak_pss_mb = max(r.peak_pss_mb, pss)
+        r.max_processes = max(r.max_processes, len(names))
+        r.names.update(names)
