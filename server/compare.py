@@ -227,34 +227,25 @@ def plot(results: dict[Cell, dict], out: Path) -> list[Path]:
     paths.append(_save(fig, out / "accuracy_vs_density.png", plt))
 
     panels = densities or [1.0]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, d in zip(axes[0], panels):
-        for m in methods:
-            curves = [_curve(metrics) for c, metrics in results.items() if c.method == m and (c.density == d or m == DENSE)]
-            if curves:
-                rounds, acc, _ = _mean_curve(curves)
-                ax.plot(rounds, acc, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
-        ax.set_title(f"density {d:g}")
-        ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy (mean over seeds)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    paths.append(_save(fig, out / "accuracy_vs_round.png", plt))
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-    for ax, d in zip(axes[0], panels):
-        for m in methods:
-            curves = [_curve(metrics) for c, metrics in results.items() if c.method == m and (c.density == d or m == DENSE)]
-            if curves:
-                _, acc, total = _mean_curve(curves)
-                ax.plot(total, acc, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
-        ax.set_xscale("log")
-        ax.set_title(f"density {d:g}")
-        ax.set_xlabel("cumulative payload bytes (up + down)")
-        ax.set_ylabel("test accuracy (mean over seeds)")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    paths.append(_save(fig, out / "accuracy_vs_bytes.png", plt))
+    for x_of, xlabel, log_x, name in (
+        (lambda rounds, total: rounds, "round", False, "accuracy_vs_round.png"),
+        (lambda rounds, total: total, "cumulative payload bytes (up + down)", True, "accuracy_vs_bytes.png"),
+    ):
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+        for ax, d in zip(axes[0], panels):
+            for m in methods:
+                curves = [_curve(metrics) for c, metrics in results.items() if c.method == m and (c.density == d or m == DENSE)]
+                if curves:
+                    rounds, acc, total = _mean_curve(curves)
+                    ax.plot(x_of(rounds, total), acc, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
+            if log_x:
+                ax.set_xscale("log")
+            ax.set_title(f"density {d:g}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("test accuracy (mean over seeds)")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        paths.append(_save(fig, out / name, plt))
     return paths
 
 
