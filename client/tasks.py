@@ -7,6 +7,8 @@ its state, so the server sends a layer's mask only when it changed.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
@@ -23,7 +25,19 @@ CANDIDATE_STATE = "fedtiny-candidates"
 
 
 class InjectedFailure(RuntimeError):
-    """Raised when the server's fault drill asks this client to fail (simulation.fail_fraction)."""
+    """Raised when the server's fault drill asks this client to crash (simulation.fail_fraction)."""
+
+
+# A straggler sleeps this many round timeouts, so the server has cut it before it replies.
+STRAGGLE_TIMEOUTS = 2.0
+
+
+def _fault_drill(rt: ClientRuntime, mode: str | None) -> None:
+    """Act out the failure the server asked for (simulation.fail_mode), if any."""
+    if mode == "crash":
+        raise InjectedFailure(f"client {rt.partition_id} failed on purpose (simulation.fail_fraction)")
+    if mode == "straggle":
+        time.sleep(STRAGGLE_TIMEOUTS * rt.config.fl.round_timeout)
 
 
 def hello(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -78,8 +92,7 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
     squared gradients of every prunable weight under ``scores``.
     """
     cfg = content[p.CONFIG]
-    if cfg.get("fail", False):
-        raise InjectedFailure(f"client {rt.partition_id} failed on purpose (simulation.fail_fraction)")
+    _fault_drill(rt, cfg.get("fail"))
     model, masks = _load_model(rt, content[p.PAYLOAD][p.MODEL], state)
     names = list(cfg.get("adjust-names", []))
     grad_layers = dict(zip(names, (int(k) for k in cfg.get("adjust-k", [])), strict=True)) or None

@@ -94,7 +94,9 @@ class Fleet:
             self._by_partition = list(self.partition_of)
             log.info("assigned %d partitions to virtual clients", len(self._by_partition))
             return
-        replies = self.exchange({n: RecordDict() for n in nodes}, p.HELLO)
+        # Not a round: the first message also starts every client (cold start), so it gets the
+        # registration timeout rather than fl.round_timeout.
+        replies = self.exchange({n: RecordDict() for n in nodes}, p.HELLO, max(self.timeout, REGISTRATION_TIMEOUT_S))
         for r in replies:
             metrics = r.content[p.METRICS]
             self.partition_of[r.node_id] = int(metrics[p.PARTITION])
@@ -109,8 +111,10 @@ class Fleet:
         picks = rng.choice(len(pool), size=min(k, len(pool)), replace=False)
         return [pool[i] for i in sorted(picks)]
 
-    def exchange(self, requests: dict[int, RecordDict], message_type: str) -> list[Reply]:
-        """Send one message per node and collect the replies that arrive in time; errors are logged."""
+    def exchange(self, requests: dict[int, RecordDict], message_type: str, timeout: float | None = None) -> list[Reply]:
+        """Send one message per node and collect the replies that arrive within `timeout` (default
+        fl.round_timeout); errors and missing replies are logged."""
+        timeout = self.timeout if timeout is None else timeout
         messages = []
         for node_id, content in requests.items():
             if self.virtual:
@@ -119,7 +123,7 @@ class Fleet:
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
         replies = []
         answered = set()
-        for msg in self.grid.send_and_receive(messages, timeout=self.timeout):
+        for msg in self.grid.send_and_receive(messages, timeout=timeout):
             node = msg.metadata.src_node_id
             answered.add(node)
             if msg.has_error():
@@ -129,7 +133,7 @@ class Fleet:
             self.traffic.up += size
             replies.append(Reply(node, msg.content, size))
         for node in set(requests) - answered:
-            self._fail(node, message_type, f"no reply within fl.round_timeout={self.timeout:g}s")
+            self._fail(node, message_type, f"no reply within {timeout:g}s (fl.round_timeout={self.timeout:g})")
         return sorted(replies, key=lambda r: self.partition_of.get(r.node_id, r.node_id))
 
     def round(

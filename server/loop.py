@@ -23,7 +23,8 @@ from shared import codec, protocol as p
 
 def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: dict, failing: set[int]) -> RecordDict:
     f = ctx.config.fl
-    cfg = config_record(round=t, seed=ctx.client_seed(t, node), epochs=f.local_epochs, lr=f.lr, fail=node in failing)
+    cfg = config_record(round=t, seed=ctx.client_seed(t, node), epochs=f.local_epochs, lr=f.lr,
+                        fail=ctx.config.simulation.fail_mode if node in failing else None)
     for key, value in extra.items():
         cfg[key] = value
     return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node)})})

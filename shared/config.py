@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 METHODS = ("fedtiny", "fedavg", "snip", "synflow", "prunefl", "feddst", "imp")
+FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,8 @@ class SimulationConfig:
     num_cpus: int = 2  # CPUs Ray may use when it starts its own cluster
     ray_address: str = ""  # join this running Ray cluster ("auto" or host:port) instead of starting one
     fail_fraction: float = 0.0  # fraction of sampled clients made to fail each round (fault drills)
+    # How they fail: "crash" (raise an error) or "straggle" (sleep past fl.round_timeout, reply late).
+    fail_mode: str = "crash"
     # Simulation only: the server tells each virtual client which partition it holds (node i of the
     # sorted node ids holds partition i), so no registration round over the whole fleet is needed.
     virtual_partitions: bool = False
@@ -237,6 +240,7 @@ def validate(c: Config) -> None:
     check(c.simulation.cpus_per_client > 0, "simulation.cpus_per_client", "must be > 0")
     check(c.simulation.num_cpus >= 1, "simulation.num_cpus", "must be >= 1")
     check(0.0 <= c.simulation.fail_fraction < 1.0, "simulation.fail_fraction", "must be in [0, 1)")
+    check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")
     _check_names(c)
 
 

@@ -56,6 +56,7 @@ def test_flat_round_trip_keeps_lists():
         ("fedtiny.allocations=[nope]", "unknown allocation 'nope'"),
         ("fedtiny.scores=[nope]", "unknown score 'nope'"),
         ("dataset.partition=shards", "'dataset.partition' must be iid or dirichlet"),
+        ("simulation.fail_mode=explode", "'simulation.fail_mode' must be one of crash, straggle"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(override, fragment):

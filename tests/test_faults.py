@@ -124,6 +124,23 @@ def test_dropped_clients_are_survived_in_a_real_simulation(tmp_path):
 
 
 @pytest.mark.integration
+def test_stragglers_are_cut_by_the_round_timeout_in_a_real_simulation(tmp_path):
+    from server.cli import main
+
+    out, timeout = tmp_path / "straggle", 15.0
+    args = ["run", "--config", "configs/tiny.yaml", "--no-progress", f"output_dir={out}",
+            "simulation.fail_fraction=0.5", "simulation.fail_mode=straggle", "fl.min_replies=0.5",
+            f"fl.round_timeout={timeout}", "fl.rounds=3"]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    cut = [r for r in m["rounds"][1:] if r["failures"] > 0]
+    assert cut, "no straggler was sampled; pick another seed"
+    assert all(r["clients"] >= 1 for r in m["rounds"][1:])
+    assert all(r["seconds"] >= timeout for r in cut)  # the round waited for its straggler, then went on
+    assert f"no reply within {timeout:g}s" in (out / "run.log").read_text()
+
+
+@pytest.mark.integration
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path):
     cli = [sys.executable, "-m", "server.cli", "run", "--config", "configs/tiny.yaml", "--no-progress", "fl.rounds=5"]
     ref, victim = tmp_path / "ref", tmp_path / "victim"
