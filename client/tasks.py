@@ -14,7 +14,9 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.runtime import ClientRuntime
 from shared import codec, protocol as p
-from shared.batchnorm import bn_stats_from_tensors, bn_stats_to_tensors, load_stats, recalibrate
+from shared.batchnorm import (
+    bn_stats_from_tensors, bn_stats_to_tensors, load_stats, recalibrate, restart_running_stats, running_stat_names,
+)
 from shared.pruning.prune_grow import prune_grow
 from shared.pruning.schedule import adjust_counts
 from shared.training import evaluate as evaluate_model
@@ -56,11 +58,10 @@ def scores(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordD
 def bn_stats(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
     """Recalibrate BN statistics of every candidate on the held-out split (FedTiny ABNS step 2)."""
     holdout = rt.holdout_batches()
-    blobs = list(content[p.PAYLOAD][p.CANDIDATE_MODELS])
-    state[CANDIDATE_STATE] = ConfigRecord({p.CANDIDATE_MODELS: blobs})  # kept for the evaluation step
+    payload = content[p.PAYLOAD]
+    state[CANDIDATE_STATE] = ConfigRecord({k: payload[k] for k in (p.CANDIDATE_BASE, p.CANDIDATE_MASKS)})  # for step 4
     out = []
-    for blob in blobs:
-        model = _candidate_model(rt, blob)
+    for model in _candidate_models(rt, state[CANDIDATE_STATE]):
         out.append(codec.encode(bn_stats_to_tensors(recalibrate(model, holdout))))
     return _reply(payload={p.BN_STATS: out}, metrics={p.NUM_EXAMPLES: len(rt.data.y_holdout)})
 
@@ -73,12 +74,11 @@ def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDic
     """
     if CANDIDATE_STATE not in state:
         raise ValueError("no candidates cached on this node: send query.bn before query.candidates")
-    blobs = state[CANDIDATE_STATE][p.CANDIDATE_MODELS]
+    models = _candidate_models(rt, state[CANDIDATE_STATE])
     del state[CANDIDATE_STATE]
     holdout = rt.holdout_batches()
     sums = []
-    for blob, bn_blob in zip(blobs, content[p.PAYLOAD][p.BN_STATS], strict=True):
-        model = _candidate_model(rt, blob)
+    for model, bn_blob in zip(models, content[p.PAYLOAD][p.BN_STATS], strict=True):
         load_stats(model, bn_stats_from_tensors(codec.decode(bn_blob)[0]))
         sums.append(evaluate_model(model, holdout).loss_sum)
     return _reply(metrics={p.LOSS_SUMS: sums, p.NUM_EXAMPLES: len(rt.data.y_holdout)})
@@ -102,6 +102,7 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
     if float(cfg.get("dst-fraction", 0.0)) > 0 and masks:
         grow_batches = list(batches(0))[: int(cfg.get("dst-batches", 1))]
         local = readjust_masks(model, masks, grow_batches, float(cfg["dst-fraction"]), int(cfg["seed"]))
+    restart_running_stats(model)  # the download has none; average this client's batches exactly
     result = train_masked(
         model, local or None, batches, int(cfg["epochs"]), float(cfg["lr"]),
         f.momentum, f.weight_decay, grad_layers,
@@ -180,7 +181,9 @@ def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torc
         merged = {**known, **masks}
         state[MASK_STATE] = ConfigRecord({"masks": codec.encode({n: m.to(torch.uint8) for n, m in merged.items()})})
     model = rt.new_model()
-    model.load_state_dict(tensors)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - set(running_stat_names(model.state_dict())):
+        raise ValueError(f"the model payload does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model, masks
 
 
@@ -191,11 +194,13 @@ def _stored_masks(state: RecordDict) -> dict[str, torch.Tensor]:
     return {n: t.bool() for n, t in tensors.items()}
 
 
-def _candidate_model(rt: ClientRuntime, blob: bytes) -> torch.nn.Module:
-    tensors, _ = codec.decode(blob)
-    model = rt.new_model()
-    model.load_state_dict(tensors)
-    return model
+def _candidate_models(rt: ClientRuntime, record: ConfigRecord) -> list[torch.nn.Module]:
+    models = []
+    for tensors in codec.decode_variants(record[p.CANDIDATE_BASE], list(record[p.CANDIDATE_MASKS])):
+        model = rt.new_model()
+        model.load_state_dict(tensors)
+        models.append(model)
+    return models
 
 
 def _reply(payload: dict | None = None, metrics: dict | None = None) -> RecordDict:

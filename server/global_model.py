@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from shared import codec
+from shared.batchnorm import running_stat_names
 from shared.pruning import density
 
 Tensors = dict[str, torch.Tensor]
@@ -22,6 +23,7 @@ class GlobalModel:
         self.layer_version: dict[str, int] = {}
         self.node_version: dict[int, int] = {}
         self._dense_bytes = len(codec.encode(self.state, compress=False))
+        self._running = set(running_stat_names(self.state))
         if masks:
             self.set_masks(masks)
 
@@ -42,14 +44,19 @@ class GlobalModel:
     def density(self) -> float:
         return density(self.masks) if self.masks else 1.0
 
-    def payload_for(self, node_id: int | None) -> bytes:
-        """Values of active weights, plus the masks this node does not have yet."""
+    def payload_for(self, node_id: int | None, running_stats: bool = True) -> bytes:
+        """Values of active weights, plus the masks this node does not have yet.
+
+        Training does not need BN running statistics (clients restart them, see
+        `shared.batchnorm.restart_running_stats`), so `running_stats=False` leaves them out.
+        """
         known = self.node_version.get(node_id) if node_id is not None else None
         if known is None:
             send = True
         else:
             send = [n for n in self.masks if self.layer_version.get(n, 0) > known]
-        return codec.encode(self.state, self.masks or None, send_masks=send)
+        state = self.state if running_stats else {n: v for n, v in self.state.items() if n not in self._running}
+        return codec.encode(state, self.masks or None, send_masks=send)
 
     def delivered(self, node_id: int) -> None:
         """The node replied successfully, so it holds the current masks."""

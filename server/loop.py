@@ -19,15 +19,17 @@ from server.fleet import Reply, config_record
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
 from shared import codec, protocol as p
+from shared.training import LR_SCHEDULES
 
 
 def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: dict, failing: set[int]) -> RecordDict:
     f = ctx.config.fl
-    cfg = config_record(round=t, seed=ctx.client_seed(t, node), epochs=f.local_epochs, lr=f.lr,
+    cfg = config_record(round=t, seed=ctx.client_seed(t, node), epochs=f.local_epochs,
+                        lr=LR_SCHEDULES.get(f.lr_schedule)(f.lr, t, f.rounds),
                         fail=ctx.config.simulation.fail_mode if node in failing else None)
     for key, value in extra.items():
         cfg[key] = value
-    return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node)})})
+    return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node, running_stats=False)})})
 
 
 def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> str | None:

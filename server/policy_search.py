@@ -65,15 +65,16 @@ def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]
     return out
 
 
-def candidate_payload(state: Tensors, masks: Tensors) -> bytes:
-    return codec.encode({n: v * masks[n] if n in masks else v for n, v in state.items()}, masks)
+def candidate_payload(state: Tensors, candidates: list[Candidate]) -> ConfigRecord:
+    """Every candidate for a client: the shared values once, then each mask (`codec.encode_variants`)."""
+    base, selections = codec.encode_variants(state, [c.masks for c in candidates])
+    return ConfigRecord({p.CANDIDATE_BASE: base, p.CANDIDATE_MASKS: selections})
 
 
 def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate]) -> tuple[Candidate, BNStats]:
     """Recalibrate BN per candidate on clients, pool exactly, evaluate, pick the lowest loss."""
-    state = model.state_dict()
-    blobs = [candidate_payload(state, cand.masks) for cand in candidates]
-    build = lambda node: RecordDict({p.PAYLOAD: ConfigRecord({p.CANDIDATE_MODELS: blobs})})  # noqa: E731
+    payload = candidate_payload(model.state_dict(), candidates)
+    build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
     _, replies = ctx.fleet.round(ctx.config.fedtiny.search_clients, p.BN, build, ctx.rng)
     per_client = [[bn_stats_from_tensors(codec.decode(b)[0]) for b in r.content[p.PAYLOAD][p.BN_STATS]] for r in replies]
     pooled = [pool_stats([stats[i] for stats in per_client]) for i in range(len(candidates))]

@@ -30,6 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 BNStats = dict[str, tuple[Tensor, Tensor, int]]
 
 _FIELDS = ("mean", "var", "count")
+RUNNING_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # torch's BN buffer names
 
 
 def bn_modules(model: nn.Module) -> dict[str, _BatchNorm]:
@@ -37,6 +38,25 @@ def bn_modules(model: nn.Module) -> dict[str, _BatchNorm]:
     return {
         name: m for name, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
     }
+
+
+def running_stat_names(state: Mapping[str, Tensor]) -> list[str]:
+    """Names of BN running-statistics buffers in a state dict."""
+    return [n for n in state if n.rsplit(".", 1)[-1] in RUNNING_BUFFERS]
+
+
+@torch.no_grad()
+def restart_running_stats(model: nn.Module) -> None:
+    """Make every BN layer forget its running statistics and average the batches it sees next exactly.
+
+    Local training sees only a few batches; torch's default moving average (momentum 0.1) would
+    leave most of the weight on whatever statistics the model started with. With momentum None
+    the client's statistics are the plain average over its own batches, so the server needs
+    no running statistics in the training download and its sample-weighted average is fresh.
+    """
+    for m in bn_modules(model).values():
+        m.reset_running_stats()
+        m.momentum = None
 
 
 def _batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -149,11 +169,15 @@ def load_stats(model: nn.Module, stats: Mapping[str, tuple[Tensor, Tensor, int]]
 
 
 def bn_stats_to_tensors(stats: BNStats) -> dict[str, Tensor]:
-    """Flatten to ``{"<layer>.mean", "<layer>.var", "<layer>.count"}`` tensors for the codec."""
+    """Flatten to ``{"<layer>.mean", "<layer>.var", "<layer>.count"}`` tensors for the codec.
+
+    Mean and variance travel as float32 (half the bytes; the running statistics they become
+    are float32 anyway); pooling upcasts them to float64 again and stays exact in the counts.
+    """
     out: dict[str, Tensor] = {}
     for name, (mean, var, count) in stats.items():
-        out[f"{name}.mean"] = mean.to(torch.float64)
-        out[f"{name}.var"] = var.to(torch.float64)
+        out[f"{name}.mean"] = mean.to(torch.float32)
+        out[f"{name}.var"] = var.to(torch.float32)
         out[f"{name}.count"] = torch.tensor([count], dtype=torch.int64)
     return out
 

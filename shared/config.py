@@ -56,6 +56,7 @@ class FLConfig:
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
+    lr_schedule: str = "cosine"  # client lr per round: constant | cosine (decays to ~0 at the last round)
     momentum: float = 0.9
     weight_decay: float = 0.0
     min_replies: float = 0.5  # fraction of sampled clients whose replies a round needs
@@ -248,10 +249,13 @@ def _check_names(c: Config) -> None:
     """Names that registries resolve are checked here so a typo fails before any work starts."""
     from shared.pruning.allocation import ALLOCATIONS
     from shared.pruning.scores import SCORES
+    from shared.training import LR_SCHEDULES
 
     for name in c.fedtiny.allocations:
         if name not in ALLOCATIONS:
             raise ConfigError(f"config key 'fedtiny.allocations': unknown allocation {name!r}; known: {', '.join(ALLOCATIONS.names())}")
+    if c.fl.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"config key 'fl.lr_schedule': unknown schedule {c.fl.lr_schedule!r}; known: {', '.join(LR_SCHEDULES.names())}")
     for name in c.fedtiny.scores:
         if name not in SCORES:
             raise ConfigError(f"config key 'fedtiny.scores': unknown score {name!r}; known: {', '.join(SCORES.names())}")

@@ -25,7 +25,8 @@ MODEL = "model"  # codec: state dict, values of active weights, masks that chang
 UPDATE = "update"  # codec: trained state dict, values of active weights only
 TOPK = "topk"  # codec sparse: top-k gradients of pruned positions
 SCORE_TENSORS = "scores"  # codec: dense local importance scores
-CANDIDATE_MODELS = "candidates"  # list of codec payloads, one per candidate
+CANDIDATE_BASE = "candidate-base"  # codec: the warm-up state on the union of the candidates' masks
+CANDIDATE_MASKS = "candidates"  # list of codec payloads, each candidate's mask within the union
 BN_STATS = "bn"  # list of codec payloads of BN statistics, one per candidate
 
 # Metric keys

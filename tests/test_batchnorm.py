@@ -136,8 +136,9 @@ def test_tensor_form_round_trip(tiny_model, tiny_batches):
     assert set(tensors) == {f"features.{i}.{f}" for i in (1, 4) for f in ("mean", "var", "count")}
     assert tensors["features.1.count"].tolist() == [48 * 64]
     back = bn_stats_from_tensors(tensors)
-    for name, (mean, var, count) in stats.items():
-        assert torch.equal(back[name][0], mean) and torch.equal(back[name][1], var) and back[name][2] == count
+    for name, (mean, var, count) in stats.items():  # float32 on the wire, float64 again after
+        assert torch.equal(back[name][0], mean.float().double()) and torch.equal(back[name][1], var.float().double())
+        assert back[name][0].dtype == torch.float64 and back[name][2] == count
 
 
 def test_tensor_form_rejects_incomplete_layer():

@@ -527,3 +527,33 @@ def test_corrupt_deflate_stream_is_a_value_error() -> None:
     data[20] ^= 0xFF
     with pytest.raises(ValueError):
         decode(bytes(data))
+
+
+def _overlapping_masks(n: int = 20_000, count: int = 6) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(3)
+    state = {"w": torch.randn(n, generator=g), "bias": torch.randn(4, generator=g)}
+    core = torch.rand(n, generator=g) < 0.04
+    return state, [{"w": core | (torch.rand(n, generator=g) < 0.01)} for _ in range(count)]
+
+
+def test_variants_round_trip_to_each_masked_state() -> None:
+    state, variants = _overlapping_masks()
+    base, selections = codec.encode_variants(state, variants)
+    for decoded, masks in zip(codec.decode_variants(base, selections), variants, strict=True):
+        assert torch.equal(decoded["w"], state["w"] * masks["w"])
+        assert torch.equal(decoded["bias"], state["bias"])
+
+
+def test_overlapping_variants_cost_far_less_than_one_payload_each() -> None:
+    state, variants = _overlapping_masks()
+    base, selections = codec.encode_variants(state, variants)
+    shared = len(base) + sum(map(len, selections))
+    separate = sum(len(encode({"w": state["w"] * m["w"], "bias": state["bias"]}, m)) for m in variants)
+    assert shared < 0.5 * separate
+
+
+def test_a_variant_selection_of_the_wrong_length_is_a_value_error() -> None:
+    state, variants = _overlapping_masks()
+    base, _ = codec.encode_variants(state, variants)
+    with pytest.raises(ValueError, match="union keeps"):
+        codec.decode_variants(base, [encode({"w": torch.ones(3, dtype=torch.uint8)})])
