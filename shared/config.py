@@ -50,10 +50,10 @@ class PruningConfig:
 
 @dataclass
 class FLConfig:
-    rounds: int = 30
+    rounds: int = 40
     num_clients: int = 20
     clients_per_round: int = 10
-    local_epochs: int = 1
+    local_epochs: int = 3
     batch_size: int = 32
     lr: float = 0.05
     lr_schedule: str = "cosine"  # client lr per round: constant | cosine (decays to ~0 at the last round)
