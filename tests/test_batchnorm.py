@@ -14,6 +14,8 @@ from shared.batchnorm import (
     load_stats,
     pool_stats,
     recalibrate,
+    restart_running_stats,
+    running_stat_names,
 )
 
 
@@ -152,3 +154,22 @@ def test_a_single_example_batch_is_skipped_not_fatal(tiny_model, tiny_batches):
     without = recalibrate(tiny_model, [(x, y)])
     for name in without:
         assert torch.allclose(with_single[name][0], without[name][0]) and with_single[name][2] == without[name][2]
+
+
+def test_restarted_running_stats_are_the_plain_average_of_the_next_batches(tiny_model, six_batches):
+    bn = tiny_model.features[1]
+    bn.running_mean.fill_(100.0)  # stale statistics must not leak into the new ones
+    restart_running_stats(tiny_model)
+    tiny_model.train()
+    with torch.no_grad():
+        for x, _ in six_batches:
+            tiny_model(x)
+        h = [tiny_model.features[0](x) for x, _ in six_batches]
+    expected = torch.stack([b.mean(dim=(0, 2, 3)) for b in h]).mean(0)
+    torch.testing.assert_close(bn.running_mean, expected)
+    assert int(bn.num_batches_tracked) == len(six_batches)
+
+
+def test_running_stat_names_are_the_bn_buffers(tiny_model):
+    names = running_stat_names(tiny_model.state_dict())
+    assert set(names) == {f"features.{i}.{b}" for i in (1, 4) for b in ("running_mean", "running_var", "num_batches_tracked")}

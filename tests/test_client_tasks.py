@@ -69,6 +69,18 @@ def test_injected_failure_comes_back_as_a_logged_error(setup):
     assert replies == [] and "failed on purpose" in ctx.fleet.traffic.failures[-1]
 
 
+def test_training_download_has_no_running_stats_and_the_update_has_fresh_ones(setup):
+    ctx, _, gm = setup
+    node = next(iter(ctx.fleet.partition_of))
+    message = train_message(ctx, gm, node, 1, {}, set())
+    sent, _ = codec.decode(message[p.PAYLOAD][p.MODEL])
+    assert not any("running" in n or "num_batches" in n for n in sent)
+    assert set(gm.state) - set(sent) == {n for n in gm.state if n.rsplit(".", 1)[-1].startswith(("running", "num_batches"))}
+    update, _ = codec.decode(_send(ctx, node, p.TRAIN, message).content[p.PAYLOAD][p.UPDATE], masks=gm.masks)
+    assert set(update) == set(gm.state)
+    assert not torch.equal(update["features.1.running_mean"], gm.state["features.1.running_mean"])
+
+
 def test_node_receives_masks_once_then_values_only(setup):
     ctx, _, gm = setup
     node = next(iter(ctx.fleet.partition_of))

@@ -13,6 +13,7 @@ from torch import nn
 from shared.pruning.masks import apply_masks
 from shared.pruning.scores import SCORES
 from shared.training import (
+    LR_SCHEDULES,
     EvalResult,
     TrainResult,
     MaskedSGD,
@@ -224,3 +225,23 @@ def test_local_scores_match_the_registered_score_on_prunable_weights(tiny_model,
 def test_local_scores_unknown_name_lists_known_scores(tiny_model, tiny_batches):
     with pytest.raises(ValueError, match="Unknown score 'nope'; known: .*magnitude"):
         local_scores(tiny_model, "nope", tiny_batches, seed=0)
+
+
+def test_cosine_lr_starts_at_lr_decays_every_round_and_stays_positive():
+    lrs = [LR_SCHEDULES.get("cosine")(0.05, t, 40) for t in range(1, 41)]
+    assert lrs[0] == 0.05 and all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 0.001
+    assert LR_SCHEDULES.get("constant")(0.05, 40, 40) == 0.05
+
+
+def test_the_training_message_carries_the_scheduled_lr(tmp_path):
+    from fake_grid import FakeGrid
+    from helpers import run_context, tiny_config
+    from server.global_model import GlobalModel
+    from server.loop import train_message
+
+    config = tiny_config(tmp_path, "fl.rounds=10", "fl.lr=0.1")
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    gm = GlobalModel(ctx.new_model().state_dict())
+    node = next(iter(ctx.fleet.partition_of))
+    lrs = [float(train_message(ctx, gm, node, t, {}, set())["config"]["lr"]) for t in (1, 10)]
+    assert lrs[0] == 0.1 and lrs[1] == LR_SCHEDULES.get("cosine")(0.1, 10, 10)
