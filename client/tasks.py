@@ -30,8 +30,9 @@ class InjectedFailure(RuntimeError):
     """Raised when the server's fault drill asks this client to crash (simulation.fail_fraction)."""
 
 
-# A straggler sleeps this many round timeouts, so the server has cut it before it replies.
-STRAGGLE_TIMEOUTS = 2.0
+# A straggler sleeps this many round timeouts, so the server has cut it before it replies; not
+# much longer, since in simulation it holds its Ray actor (and the clients queued behind it) meanwhile.
+STRAGGLE_TIMEOUTS = 1.5
 
 
 def _fault_drill(rt: ClientRuntime, mode: str | None) -> None:

@@ -76,7 +76,7 @@ class Fleet:
         self.traffic = Traffic()
         self.partition_of: dict[int, int] = {}
         self.examples_of: dict[int, int] = {}
-        self._by_partition: list[int] = []
+        self.nodes: list[int] = []  # node ids in partition order: sampling is reproducible by seed
 
     def register(self) -> None:
         """Wait for all nodes, then learn each node's partition so sampling is reproducible by seed.
@@ -91,8 +91,8 @@ class Fleet:
             time.sleep(0.2)
         if self.virtual:
             self.partition_of = {n: i for i, n in enumerate(nodes[: self.num_clients])}
-            self._by_partition = list(self.partition_of)
-            log.info("assigned %d partitions to virtual clients", len(self._by_partition))
+            self.nodes = list(self.partition_of)
+            log.info("assigned %d partitions to virtual clients", len(self.nodes))
             return
         # Not a round: the first message also starts every client (cold start), so it gets the
         # registration timeout rather than fl.round_timeout.
@@ -101,11 +101,11 @@ class Fleet:
             metrics = r.content[p.METRICS]
             self.partition_of[r.node_id] = int(metrics[p.PARTITION])
             self.examples_of[r.node_id] = int(metrics[p.NUM_EXAMPLES])
-        self._by_partition = sorted(self.partition_of, key=self.partition_of.__getitem__)
-        log.info("registered %d nodes", len(self._by_partition))
+        self.nodes = sorted(self.partition_of, key=self.partition_of.__getitem__)
+        log.info("registered %d nodes", len(self.nodes))
 
     def sample(self, k: int, rng: np.random.Generator, exclude: set[int] = frozenset()) -> list[int]:
-        pool = [n for n in self._by_partition if n not in exclude]
+        pool = [n for n in self.nodes if n not in exclude]
         if not pool:
             return []
         picks = rng.choice(len(pool), size=min(k, len(pool)), replace=False)

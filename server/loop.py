@@ -73,7 +73,10 @@ def clip_update(reference: dict, update: dict, max_norm: float) -> dict:
 
 
 def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
-    """Fault drill: the clients told to fail this round (simulation.fail_fraction)."""
+    """Fault drill: the clients told to fail this round (simulation.fail_fraction).
+
+    Drawn in partition order, so the same seed fails the same partitions whatever ids nodes got.
+    """
     frac = ctx.config.simulation.fail_fraction
     if frac <= 0:
         return set()
@@ -84,7 +87,7 @@ def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
 def training_round(ctx: RunContext, gm: GlobalModel, t: int, extra: dict) -> list[Reply]:
     """One round of masked FedAvg; the global state is replaced by the aggregate."""
     k = ctx.config.fl.clients_per_round
-    failing = failing_nodes(ctx, t, list(ctx.fleet.partition_of))
+    failing = failing_nodes(ctx, t, ctx.fleet.nodes)
     sampled, replies = ctx.fleet.round(
         k, p.TRAIN, lambda n: train_message(ctx, gm, n, t, extra, failing), ctx.rng,
         lambda r: check_update(gm, r, ctx.config.fl.max_update_norm),

@@ -81,8 +81,10 @@ class FedTinyConfig:
 
 @dataclass
 class SimulationConfig:
-    cpus_per_client: float = 1.0
-    num_cpus: int = 2  # CPUs Ray may use when it starts its own cluster
+    cpus_per_client: int = 1  # whole CPUs per virtual client (Flower 1.42 takes no fractions)
+    # Logical CPUs Ray may use when it starts its own cluster: num_cpus / cpus_per_client clients run
+    # at once. More than the cores is allowed, e.g. spare actors for sleeping stragglers.
+    num_cpus: int = 2
     ray_address: str = ""  # join this running Ray cluster ("auto" or host:port) instead of starting one
     fail_fraction: float = 0.0  # fraction of sampled clients made to fail each round (fault drills)
     # How they fail: "crash" (raise an error) or "straggle" (sleep past fl.round_timeout, reply late).
@@ -238,7 +240,8 @@ def validate(c: Config) -> None:
     check(0.0 <= c.fedtiny.end_fraction <= 1.0, "fedtiny.end_fraction", "must be in [0, 1]")
     check(c.fedtiny.warmup_epochs >= 0, "fedtiny.warmup_epochs", "must be >= 0")
     check(c.fedtiny.warmup_shots >= 1, "fedtiny.warmup_shots", "must be >= 1")
-    check(c.simulation.cpus_per_client > 0, "simulation.cpus_per_client", "must be > 0")
+    check(c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client",
+          "must be a whole number >= 1 (to run more clients at once raise simulation.num_cpus)")
     check(c.simulation.num_cpus >= 1, "simulation.num_cpus", "must be >= 1")
     check(0.0 <= c.simulation.fail_fraction < 1.0, "simulation.fail_fraction", "must be in [0, 1)")
     check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")

@@ -57,6 +57,8 @@ def test_flat_round_trip_keeps_lists():
         ("fedtiny.scores=[nope]", "unknown score 'nope'"),
         ("dataset.partition=shards", "'dataset.partition' must be iid or dirichlet"),
         ("simulation.fail_mode=explode", "'simulation.fail_mode' must be one of crash, straggle"),
+        ("simulation.cpus_per_client=0.5", "simulation.cpus_per_client"),
+        ("simulation.cpus_per_client=0", "raise simulation.num_cpus"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(override, fragment):

@@ -130,6 +130,7 @@ def test_stragglers_are_cut_by_the_round_timeout_in_a_real_simulation(tmp_path):
     out, timeout = tmp_path / "straggle", 15.0
     args = ["run", "--config", "configs/tiny.yaml", "--no-progress", f"output_dir={out}",
             "simulation.fail_fraction=0.5", "simulation.fail_mode=straggle", "fl.min_replies=0.5",
+            "simulation.num_cpus=4",  # 4 Ray actors on 2 cores: a sleeping straggler holds one
             f"fl.round_timeout={timeout}", "fl.rounds=3"]
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())

@@ -127,3 +127,19 @@ def test_virtual_partitions_skip_registration_and_give_the_same_run(tmp_path):
         hellos = [m for m in grid.sent if m.metadata.message_type == p.HELLO]
         assert len(hellos) == (0 if virtual == "true" else config.fl.num_clients)
     assert results[0] == results[1]
+
+
+def test_a_run_with_faults_is_the_same_whatever_ids_the_nodes_got(tmp_path):
+    """Sampling and the fault drill go by partition, not by the random ids Flower gives nodes."""
+    results = []
+    for sub, reverse in (("ids-up", False), ("ids-down", True)):
+        config = tiny_config(tmp_path / sub, "simulation.fail_fraction=0.5", "fl.min_replies=0.5")
+        grid = FakeGrid(config)
+        if reverse:  # node 1000 now holds the last partition, and so on
+            grid.nodes = {node: len(grid.nodes) - 1 - part for node, part in grid.nodes.items()}
+        metrics = json.loads((run(grid, config) / "metrics.json").read_text())
+        trained = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == p.TRAIN]
+        results.append((metrics["summary"]["accuracy"], metrics["summary"]["client_failures"],
+                        [grid.nodes[n] for n in trained]))
+    assert results[0][1] > 0
+    assert results[0] == results[1]
