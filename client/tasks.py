@@ -16,6 +16,7 @@ from client.runtime import ClientRuntime
 from shared import codec, protocol as p
 from shared.batchnorm import (
     bn_stats_from_tensors, bn_stats_to_tensors, load_stats, recalibrate, restart_running_stats, running_stat_names,
+    running_stats_for_upload,
 )
 from shared.pruning.prune_grow import prune_grow
 from shared.pruning.schedule import adjust_counts
@@ -108,7 +109,7 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
         model, local or None, batches, int(cfg["epochs"]), float(cfg["lr"]),
         f.momentum, f.weight_decay, grad_layers,
     )
-    payload = {p.UPDATE: codec.encode(model.state_dict(), masks, send_masks=False)}
+    payload = {p.UPDATE: codec.encode(running_stats_for_upload(model.state_dict()), masks, send_masks=False)}
     if local is not masks:
         payload[p.TOPK] = codec.encode_sparse(mask_changes(masks, local, model.state_dict()))
     if result.topk:

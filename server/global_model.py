@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from shared import codec
-from shared.batchnorm import running_stat_names
+from shared.batchnorm import UPLOAD_STATS_DTYPE, running_stat_names
 from shared.pruning import density
 
 Tensors = dict[str, torch.Tensor]
@@ -43,6 +43,12 @@ class GlobalModel:
     @property
     def density(self) -> float:
         return density(self.masks) if self.masks else 1.0
+
+    def upload_dtypes(self, name: str) -> tuple[torch.dtype, ...]:
+        """Dtypes a client may send `name` in: its own, or float16 for BN running statistics
+        (`shared.batchnorm.running_stats_for_upload`)."""
+        own = self.state[name].dtype
+        return (own, UPLOAD_STATS_DTYPE) if name in self._running and own.is_floating_point else (own,)
 
     def payload_for(self, node_id: int | None, running_stats: bool = True) -> bytes:
         """Values of active weights, plus the masks this node does not have yet.

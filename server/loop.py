@@ -49,10 +49,11 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> str | 
     if set(tensors) != set(gm.state):
         return f"layer names differ from the global model: {sorted(set(tensors) ^ set(gm.state))[:3]}"
     for name, value in tensors.items():
-        if value.shape != gm.state[name].shape or value.dtype != gm.state[name].dtype:
+        if value.shape != gm.state[name].shape or value.dtype not in gm.upload_dtypes(name):
             return f"{name} is {value.dtype} {tuple(value.shape)}, expected {gm.state[name].dtype} {tuple(gm.state[name].shape)}"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return f"non-finite values in {name}"
+    tensors = {n: v.to(gm.state[n].dtype) for n, v in tensors.items()}
     for name, mask in gm.masks.items():
         if not torch.equal(masks[name], mask):
             return f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"

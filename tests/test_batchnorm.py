@@ -16,6 +16,7 @@ from shared.batchnorm import (
     recalibrate,
     restart_running_stats,
     running_stat_names,
+    running_stats_for_upload,
 )
 
 
@@ -173,3 +174,13 @@ def test_restarted_running_stats_are_the_plain_average_of_the_next_batches(tiny_
 def test_running_stat_names_are_the_bn_buffers(tiny_model):
     names = running_stat_names(tiny_model.state_dict())
     assert set(names) == {f"features.{i}.{b}" for i in (1, 4) for b in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_running_stats_are_uploaded_as_float16_where_they_fit(tiny_model):
+    state = tiny_model.state_dict()
+    stats = [n for n in running_stat_names(state) if state[n].is_floating_point()]
+    state[stats[0]] = torch.full_like(state[stats[0]], 1e6)  # over float16's range: stays float32
+    up = running_stats_for_upload(state)
+    assert up[stats[0]].dtype == torch.float32
+    assert all(up[n].dtype == torch.float16 for n in stats[1:])
+    assert all(up[n] is state[n] for n in state if n not in stats)  # weights and counters untouched

@@ -45,6 +45,16 @@ def test_an_honest_update_is_accepted(gm):
     assert check_update(gm, r) is None and torch.equal(r.decoded["w"], gm.state["w"])
 
 
+def test_running_stats_may_come_as_float16_and_are_averaged_as_float32():
+    state = {"bn.weight": torch.ones(4), "bn.running_mean": torch.tensor([0.1, 2.0, -3.0, 1e-3]),
+             "bn.running_var": torch.tensor([1.0, 0.5, 2.0, 3.0]), "bn.num_batches_tracked": torch.tensor(7)}
+    gm = GlobalModel(state)
+    r = reply(codec.encode({**state, "bn.running_mean": state["bn.running_mean"].half()}))
+    assert check_update(gm, r) is None
+    assert r.decoded["bn.running_mean"].dtype == torch.float32
+    assert torch.allclose(r.decoded["bn.running_mean"], state["bn.running_mean"], rtol=1e-3)
+
+
 @pytest.mark.parametrize(
     "make, reason",
     [
@@ -54,11 +64,12 @@ def test_an_honest_update_is_accepted(gm):
         (lambda gm: codec.encode(honest(gm, b=torch.full((8,), math.inf)), gm.masks, send_masks=False), "non-finite values in b"),
         (lambda gm: codec.encode(honest(gm), {"w": torch.ones(8, 8, dtype=torch.bool)}), "mask of w differs"),
         (lambda gm: codec.encode(honest(gm), {"w": ~gm.masks["w"]}), "mask of w differs"),
+        (lambda gm: codec.encode(honest(gm, b=gm.state["b"].half()), gm.masks, send_masks=False), "b is torch.float16"),
         (lambda gm: b"garbage" * 10, "undecodable update"),
         (lambda gm: codec.encode(honest(gm), gm.masks)[:-3], "undecodable update"),
         (lambda gm: codec.encode({**honest(gm), "big": torch.randn(200_000)}), "undecodable update"),
     ],
-    ids=["extra-layer", "wrong-shape", "nan", "inf", "values-at-pruned-positions", "wrong-mask", "garbage", "truncated", "oversize"],
+    ids=["extra-layer", "wrong-shape", "nan", "inf", "values-at-pruned-positions", "wrong-mask", "half-weights", "garbage", "truncated", "oversize"],
 )
 def test_bad_updates_are_rejected_with_a_reason(gm, make, reason):
     assert reason in check_update(gm, reply(make(gm)))
