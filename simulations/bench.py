@@ -81,20 +81,33 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
 
 @benchmark("overhead")
 def overhead(args: argparse.Namespace, work: Path) -> dict:
-    """Median round time of FedTiny's progressive phase vs Flower's FedAvg on the same model, data and clients."""
+    """Median round time of FedTiny's progressive phase vs Flower's FedAvg on the same model, data and clients.
+
+    Runs in ABBA order (plain, FedTiny, FedTiny, plain; once each with --smoke) so that a load that
+    drifts during the benchmark weighs on both sides alike; round 1 (Ray workers starting) is left
+    out of both.
+    """
     common = ["fedtiny.end_fraction=1.0"]  # every training round is in the progressive phase
     if args.smoke:
         common += ["fl.rounds=3", "fedtiny.adjust_interval=2"]
     else:
         common += ["fl.rounds=8", "fl.num_clients=50", "fl.clients_per_round=10", "fedtiny.adjust_interval=2"]
     config = bench_config(args.smoke, common)
-    note(f"overhead: plain Flower FedAvg, {config.fl.rounds} rounds")
-    plain = run_plain(config, work / "plain")
-    note(f"overhead: FedTiny, {config.fl.rounds} rounds")
-    metrics = run_fedtiny(bench_config(args.smoke, common), work / "fedtiny")
-    # Round 1 is left out of both: it pays for starting the Ray workers (FedTiny pays at registration).
-    rounds = [r for r in metrics["rounds"] if r["round"] >= 2]
-    fedavg_s = _median(plain["round_seconds"][1:])
+    order = ["plain", "fedtiny"] if args.smoke else ["plain", "fedtiny", "fedtiny", "plain"]
+    plain_s: list[float] = []
+    rounds: list[dict] = []
+    accuracy: dict[str, float] = {}
+    for i, kind in enumerate(order):
+        note(f"overhead: {kind} ({i + 1}/{len(order)}), {config.fl.rounds} rounds")
+        if kind == "plain":
+            plain = run_plain(bench_config(args.smoke, common), work / f"plain-{i}")
+            plain_s += plain["round_seconds"][1:]
+            accuracy["fedavg"] = plain["accuracy"][-1]
+        else:
+            metrics = run_fedtiny(bench_config(args.smoke, common), work / f"fedtiny-{i}")
+            rounds += [r for r in metrics["rounds"] if r["round"] >= 2]
+            accuracy["fedtiny"] = metrics["summary"]["accuracy"]
+    fedavg_s = _median(plain_s)
     fedtiny_s = _median([r["seconds"] for r in rounds])
     return {
         "ratio": round(fedtiny_s / fedavg_s, 3),
@@ -102,10 +115,11 @@ def overhead(args: argparse.Namespace, work: Path) -> dict:
         "fedtiny_round_s": round(fedtiny_s, 3),
         "fedtiny_adjust_round_s": round(_median([r["seconds"] for r in rounds if r["phase"] == "adjust"]), 3),
         "fedtiny_train_round_s": round(_median([r["seconds"] for r in rounds if r["phase"] == "train"]), 3),
+        "order": order,
         "rounds": config.fl.rounds,
         "clients_per_round": config.fl.clients_per_round,
-        "fedavg_accuracy": plain["accuracy"][-1],
-        "fedtiny_accuracy": metrics["summary"]["accuracy"],
+        "fedavg_accuracy": accuracy["fedavg"],
+        "fedtiny_accuracy": accuracy["fedtiny"],
     }
 
 
