@@ -109,7 +109,10 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
         model, local or None, batches, int(cfg["epochs"]), float(cfg["lr"]),
         f.momentum, f.weight_decay, grad_layers,
     )
-    payload = {p.UPDATE: codec.encode(running_stats_for_upload(model.state_dict()), masks, send_masks=False)}
+    # Delta-coded against the download, which the server still holds: unchanged values cost nothing.
+    sent, _ = codec.decode(content[p.PAYLOAD][p.MODEL], masks=masks)
+    update = running_stats_for_upload(model.state_dict())
+    payload = {p.UPDATE: codec.encode(update, masks, send_masks=False, base=sent)}
     if local is not masks:
         payload[p.TOPK] = codec.encode_sparse(mask_changes(masks, local, model.state_dict()))
     if result.topk:

@@ -33,7 +33,8 @@ def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: di
 
 
 def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> str | None:
-    """Decode a client's update against the global masks; a reason to reject it, or None.
+    """Decode a client's update against the global masks and weights it was delta-coded against
+    (the round's download); a reason to reject it, or None.
 
     Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf,
     a mask other than the global one (values at pruned positions, wrong density), and
@@ -43,7 +44,7 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> str | 
     try:
         blob = reply.content[p.PAYLOAD][p.UPDATE]
         num_examples = int(reply.content[p.METRICS][p.NUM_EXAMPLES])
-        tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes())
+        tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes(), base=gm.state)
     except (KeyError, ValueError, TypeError) as exc:
         return f"undecodable update ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     if set(tensors) != set(gm.state):

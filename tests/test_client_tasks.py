@@ -76,9 +76,12 @@ def test_training_download_has_no_running_stats_and_the_update_has_fresh_ones(se
     sent, _ = codec.decode(message[p.PAYLOAD][p.MODEL])
     assert not any("running" in n or "num_batches" in n for n in sent)
     assert set(gm.state) - set(sent) == {n for n in gm.state if n.rsplit(".", 1)[-1].startswith(("running", "num_batches"))}
-    update, _ = codec.decode(_send(ctx, node, p.TRAIN, message).content[p.PAYLOAD][p.UPDATE], masks=gm.masks)
+    blob = _send(ctx, node, p.TRAIN, message).content[p.PAYLOAD][p.UPDATE]
+    update, _ = codec.decode(blob, masks=gm.masks, base=gm.state)  # delta-coded against the download
     assert set(update) == set(gm.state)
-    assert not torch.equal(update["features.1.running_mean"], gm.state["features.1.running_mean"])
+    assert not torch.equal(update["features.1.running_mean"].float(), gm.state["features.1.running_mean"])
+    with pytest.raises(ValueError, match="delta-coded"):
+        codec.decode(blob, masks=gm.masks)
 
 
 def test_node_receives_masks_once_then_values_only(setup):

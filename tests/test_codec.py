@@ -108,6 +108,35 @@ def test_mixed_state_dict_round_trip_with_partial_mask_sending() -> None:
     assert all(torch.equal(out_masks[n], masks[n]) for n in masks)
 
 
+def test_delta_coded_update_round_trips_exactly_against_the_receivers_copy() -> None:
+    base = {"w": random_tensor((16, 16), torch.float32, 1), "b": random_tensor((16,), torch.float32, 2)}
+    masks = {"w": random_mask((16, 16), 0.3, 3)}
+    update = {"w": base["w"] * (1 + 0.01 * random_tensor((16, 16), torch.float32, 4)), "b": base["b"].clone(),
+              "running_mean": random_tensor((16,), torch.float16, 5)}  # not in base: sent as it is
+    data = encode(update, masks, send_masks=False, base=base)
+    out, _ = decode(data, masks=masks, base=base)
+    assert_same(out["w"], update["w"] * masks["w"])
+    assert_same(out["b"], update["b"])
+    assert_same(out["running_mean"], update["running_mean"])
+
+
+def test_delta_coding_shrinks_an_update_and_needs_the_same_base() -> None:
+    base = {"w": random_tensor((64, 64), torch.float32, 1)}
+    update = {"w": base["w"] * (1 + 0.01 * random_tensor((64, 64), torch.float32, 2))}
+    update["w"][:32] = base["w"][:32]  # half the values unchanged
+    assert len(encode(update, base=base)) < 0.7 * len(encode(update))
+    with pytest.raises(ValueError, match="delta-coded"):
+        decode(encode(update, base=base))
+    other = {"w": base["w"] + 1}
+    assert not torch.equal(decode(encode(update, base=base), base=other)[0]["w"], update["w"])
+
+
+def test_weights_are_byte_shuffled_because_it_deflates_them_smaller() -> None:
+    w = {"w": 0.05 * random_tensor((4096,), torch.float32, 1)}
+    assert len(encode(w)) < 0.98 * len(encode(w, shuffle=False))  # measured 0.97: the sign/exponent bytes
+    assert_same(decode(encode(w))[0]["w"], w["w"])
+
+
 def test_sent_masks_cost_bytes_and_known_masks_do_not() -> None:
     t, m = random_tensor((100, 100), torch.float32), random_mask((100, 100), 0.5)
     with_mask = encode({"w": t}, {"w": m}, send_masks=True, compress=False)
@@ -336,7 +365,12 @@ def payload(*entries: bytes, count: int | None = None) -> bytes:
 
 
 def test_hand_built_entry_matches_the_encoder() -> None:
-    assert payload(entry(b"x", 1, (2,), 0, struct.pack("<2f", 1.0, 2.0))) == encode({"x": torch.tensor([1.0, 2.0])})
+    plain = struct.pack("<2f", 1.0, 2.0)
+    assert payload(entry(b"x", 1, (2,), 0, plain)) == encode({"x": torch.tensor([1.0, 2.0])}, shuffle=False)
+    x = 1.5 + torch.arange(64, dtype=torch.float32) / 1024  # alike exponents: shuffling deflates smaller
+    raw = x.numpy().tobytes()
+    shuffled = bytes(raw[i + 4 * j] for i in range(4) for j in range(64))  # byte 0 of each value, then byte 1, ...
+    assert payload(entry(b"x", 1, (64,), 0x10, shuffled)) == encode({"x": x}, compress=False)
 
 
 def test_huge_dense_shape_claim_is_a_value_error() -> None:
