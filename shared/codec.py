@@ -19,9 +19,12 @@ Dense/masked payload (`encode` / `decode`), all integers little-endian::
 Unmasked tensors carry all values in their own dtype; masked tensors carry the values at True
 positions in the wire dtype (float32 by default). Values are byte-shuffled (all first bytes, then
 all second bytes, ...) when that deflates smaller: the sign and exponent bytes of weights are
-nearly constant, and grouped together they deflate to little. An update may be delta-coded against the tensors the receiver
-already holds (`base`): each value's bits XOR those of the receiver's value at the same position,
-so unchanged values become zero bytes and small changes leave the high bytes zero; lossless. Sparse top-k payload (`encode_sparse`)::
+nearly constant, and grouped together they deflate to little. An update may be delta-coded
+against the tensors the receiver already holds (`base`): each value's bits XOR those of the
+receiver's value at the same position, so unchanged values become zero bytes and small changes
+leave the high bytes zero; lossless.
+
+Sparse top-k payload (`encode_sparse`)::
 
     header : b"FTS" | version u8 | entry count u32
     entry  : name length u16 | name utf-8 | ndim u8 | dims u32 x ndim | index width u8 (4 or 8)
