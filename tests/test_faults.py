@@ -45,7 +45,7 @@ def test_an_honest_update_is_accepted(gm):
     assert check_update(gm, r) is None and torch.equal(r.decoded["w"], gm.state["w"])
 
 
-def test_running_stats_may_come_as_float16_and_are_averaged_as_float32():
+def test_running_stats_may_come_as_float16_and_are_restored_to_float32():
     state = {"bn.weight": torch.ones(4), "bn.running_mean": torch.tensor([0.1, 2.0, -3.0, 1e-3]),
              "bn.running_var": torch.tensor([1.0, 0.5, 2.0, 3.0]), "bn.num_batches_tracked": torch.tensor(7)}
     gm = GlobalModel(state)
