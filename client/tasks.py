@@ -110,6 +110,7 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
         f.momentum, f.weight_decay, grad_layers,
     )
     # Delta-coded against the download, which the server still holds: unchanged values cost nothing.
+    # Decoded again here rather than kept through training, which would hold a dense model copy.
     sent, _ = codec.decode(content[p.PAYLOAD][p.MODEL], masks=masks)
     update = running_stats_for_upload(model.state_dict())
     payload = {p.UPDATE: codec.encode(update, masks, send_masks=False, base=sent)}

@@ -405,9 +405,8 @@ def _encode_raw(
             if _wants_mask(send_masks, name):
                 encoding, mask_bytes = encode_mask(mask)
                 flags |= _FLAG_MASK_INCLUDED | (int(encoding) << _ENCODING_SHIFT)
-        reference = base.get(name)
-        if reference is not None and tensor.is_floating_point() and _delta_base_fits(reference, shape):
-            values = _xor(values, _reference_bytes(reference, keep, wire))
+        if tensor.is_floating_point() and _delta_base_fits(base.get(name), shape):
+            values = _xor(values, _reference_bytes(base[name], keep, wire))
             flags |= _FLAG_DELTA
         if shuffle and _itemsize(wire) > 1 and (shuffled := _shuffle_if_smaller(values, _itemsize(wire))):
             values = shuffled
@@ -419,7 +418,7 @@ def _encode_raw(
     return b"".join(out)
 
 
-def _delta_base_fits(reference: torch.Tensor, shape: tuple[int, ...]) -> bool:
+def _delta_base_fits(reference: torch.Tensor | None, shape: tuple[int, ...]) -> bool:
     return isinstance(reference, torch.Tensor) and reference.is_floating_point() and tuple(reference.shape) == shape
 
 
