@@ -1,0 +1,28 @@
+"""The files of a run's output directory, named in one place.
+
+Every module that writes or reads a run's outputs (the ServerApp, the launcher, compare,
+export, resume) takes the names from here.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+CONFIG = "config.yaml"  # the resolved config of the run
+METRICS = "metrics.json"  # per-round records and the summary
+METRICS_CSV = "metrics.csv"
+MODEL = "model.ftc"  # final global state and masks (shared.codec.save)
+MODEL_SPEC = "model-spec.json"  # what export needs to rebuild the model without the dataset
+CHECKPOINT = "checkpoint.json"
+CHECKPOINT_WEIGHTS = "checkpoint-{round}.ftc"  # the weights of the checkpoint after that round
+RUN_CONFIG = "run_config.toml"  # the flat config handed to `flwr run`
+RUN_LOG = "run.log"
+COMPARISON_CSV = "comparison.csv"  # fedtiny compare
+COMPARISON_MD = "comparison.md"
+
+
+def default_output_dir(method: str, root: Path | None = None) -> Path:
+    """outputs/<timestamp>-<method> under `root` (default: the current directory), resolved."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return ((root or Path.cwd()) / "outputs" / f"{stamp}-{method}").resolve()
