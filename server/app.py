@@ -21,6 +21,7 @@ from shared import codec
 from shared.accounting import count_parameters, flops, model_size
 from shared.config import Config, from_flat, to_yaml
 from shared.data import load_dataset
+from shared.export import write_spec
 from shared.pruning import layer_densities
 
 app = ServerApp()
@@ -65,6 +66,7 @@ def run(grid: Grid, config: Config) -> Path:
     )
     try:
         bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
+        write_spec(out, config, bundle)  # what export needs, so it never reloads the dataset
         ctx = RunContext(config, fleet, bundle, recorder, out)
         fleet.register()
         method = METHODS.get(config.method)(ctx)

@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from server.cli import main
-from shared import codec, export
+from shared import codec, data, export, rundir
 from shared.config import load_config, to_yaml
-from shared.data import batches, load_dataset
+from shared.data import DataBundle, batches, load_dataset, to_tensor
 from shared.models import build_model, prunable_parameters
 
 NAME, WIDTH, SHAPE, CLASSES = "cnn", 0.25, (1, 8, 8), 10
@@ -70,7 +71,10 @@ def reference_model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished run's output directory, written by hand: config.yaml + model.ftc."""
+    """A finished run's output directory, written by hand: config.yaml + model.ftc.
+
+    It has no model spec (a run from before `write_spec`), so export falls back to loading the dataset.
+    """
     out = tmp_path_factory.mktemp("run")
     config = load_config(None, [f"model.name={NAME}", f"model.width={WIDTH}", "dataset.name=digits"])
     (out / "config.yaml").write_text(to_yaml(config))
@@ -89,6 +93,65 @@ def test_inputs() -> torch.Tensor:
 def reference_logits(test_inputs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return reference_model(sparse_cnn()[0])(test_inputs)
+
+
+def run_config(*overrides: str):
+    return load_config(None, [f"model.name={NAME}", f"model.width={WIDTH}", "dataset.name=digits", *overrides])
+
+
+def test_export_of_a_run_with_a_model_spec_never_loads_the_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_inputs: torch.Tensor, reference_logits: torch.Tensor
+) -> None:
+    config = run_config("dataset.path=/nonexistent/dataset")
+    (tmp_path / rundir.CONFIG).write_text(to_yaml(config))
+    export.write_spec(tmp_path, config, load_dataset("digits", "", 0, 0.2))
+    codec.save(tmp_path / rundir.MODEL, *sparse_cnn())
+
+    def unavailable(*args: object, **kwargs: object) -> None:
+        raise OSError("the dataset is not available on this machine")
+
+    monkeypatch.setattr(data, "load_dataset", unavailable)
+    monkeypatch.setattr(data, "_load_cached", unavailable)
+    out = tmp_path / "m.ftc"
+    export.export(tmp_path, "packed", out, compact_model=True)
+    assert (export.load_packed(out)(test_inputs) - reference_logits).abs().max() <= 1e-4
+    (tmp_path / rundir.CONFIG).unlink()  # the spec alone is enough
+    model, _, spec = export.load_run(tmp_path)
+    assert spec == export.ModelSpec(NAME, CLASSES, SHAPE, WIDTH)
+
+
+def uint8_bundle() -> DataBundle:
+    g = np.random.default_rng(0)
+    x = g.integers(0, 256, (20, 3, 4, 4), dtype=np.uint8)
+    y = np.arange(20, dtype=np.int64) % 4
+    mean, std = data.channel_stats(x)
+    return DataBundle(x, y, x[:6].copy(), y[:6].copy(), 4, mean, std)
+
+
+@pytest.mark.parametrize("kind", ["digits", "uint8"])
+def test_model_spec_records_the_architecture_and_the_normalization_the_data_loader_applies(
+    tmp_path: Path, kind: str
+) -> None:
+    bundle = load_dataset("digits", "", 0, 0.2) if kind == "digits" else uint8_bundle()
+    spec = json.loads(export.write_spec(tmp_path, run_config("seed=3"), bundle).read_text())
+    assert (tmp_path / rundir.MODEL_SPEC).is_file() and export.read_spec(tmp_path) == spec
+    assert (spec["model"], spec["width"], spec["seed"], spec["dataset"]) == (NAME, WIDTH, 3, "digits")
+    assert spec["num_classes"] == bundle.num_classes and spec["input_shape"] == list(bundle.input_shape)
+    norm = spec["normalization"]
+    assert norm["mean"] == list(bundle.mean) and norm["std"] == list(bundle.std)
+    assert norm["divide_by"] == (255.0 if kind == "uint8" else 1.0)
+    raw = bundle.x_test[:5]
+    mean = torch.tensor(norm["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(norm["std"]).view(1, -1, 1, 1)
+    by_hand = (torch.from_numpy(raw.astype(np.float32)) / norm["divide_by"] - mean) / std
+    assert torch.allclose(by_hand, to_tensor(bundle, raw), atol=1e-6)
+
+
+def test_model_spec_of_another_version_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / rundir.MODEL_SPEC).write_text(json.dumps({"format": export.SPEC_FORMAT, "version": 99}))
+    codec.save(tmp_path / rundir.MODEL, *sparse_cnn())
+    with pytest.raises(ValueError, match="v99; this build reads fedtiny-model-spec v1"):
+        export.load_run(tmp_path)
 
 
 @pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])

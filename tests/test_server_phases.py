@@ -111,7 +111,8 @@ def test_whole_run_is_deterministic_and_writes_outputs(tmp_path):
         out = run(FakeGrid(config), config)
         metrics = json.loads((out / "metrics.json").read_text())
         results.append((metrics["summary"]["accuracy"], codec.load(out / "model.ftc")[1]))
-        for f in ("metrics.csv", "config.yaml", "accuracy.png", "density.png", "bytes.png", "layer_density.png"):
+        outputs = ("metrics.csv", "config.yaml", "model-spec.json", "accuracy.png", "density.png", "bytes.png")
+        for f in (*outputs, "layer_density.png"):
             assert (out / f).exists(), f
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
