@@ -63,6 +63,39 @@ def test_cnn_blocks_are_single_layers_and_weights_are_a_few_tens_of_thousands() 
     assert 20_000 <= sum(model.get_parameter(n).numel() for n in names) <= 100_000
 
 
+def test_cnn_pool_has_the_prunable_weights_of_fedtinys_measured_cnn() -> None:
+    model = build_model("cnn-pool", 10, (1, 28, 28))
+    names = prunable_parameters(model)
+    convs = 1 * 32 * 9 + 32 * 64 * 9 + 64 * 128 * 9  # 3x3 kernels, no bias
+    linears = (128 * 3 * 3) * 256 + 256 * 10  # 28 -> 14 -> 7 -> 3 after three 2x2 max pools
+    assert sum(model.get_parameter(n).numel() for n in names) == convs + linears == 389_920
+
+
+def test_cnn_pool_has_five_prunable_layers_three_of_them_conv_and_batch_norm() -> None:
+    model = build_model("cnn-pool", 10, (1, 28, 28))
+    kinds = [type(m) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert kinds == [nn.Conv2d] * 3 + [nn.Linear] * 2
+    assert sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) == 4
+
+
+def test_cnn_pool_runs_on_3x32x32_and_blocks_are_single_layers() -> None:
+    model = build_model("cnn-pool", 10, (3, 32, 32))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    names = prunable_parameters(model)
+    assert prunable_blocks(model) == [[n] for n in names]
+    assert set(names) == conv_linear_weights(model)
+
+
+def test_cnn_pool_width_scales_channels_and_hidden_layer() -> None:
+    model = build_model("cnn-pool", 10, (1, 28, 28), width=0.5)
+    assert [model.get_parameter(n).shape[0] for n in prunable_parameters(model)] == [16, 32, 64, 128, 10]
+
+
+def test_cnn_pool_rejects_inputs_below_8x8() -> None:
+    with pytest.raises(ValueError, match="at least 8x8"):
+        build_model("cnn-pool", 10, (1, 4, 4))
+
+
 def test_vgg11_blocks_are_pairs_of_consecutive_layers() -> None:
     model = build_model("vgg11", 10, (3, 32, 32), width=0.25)
     assert [len(b) for b in prunable_blocks(model)] == [2, 2, 2, 2, 1]
@@ -169,5 +202,5 @@ def test_custom_model_that_returns_no_module_is_a_value_error(tmp_path: Path, mo
 
 
 def test_unknown_model_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="cnn, resnet18, vgg11"):
+    with pytest.raises(ValueError, match="cnn, cnn-pool, resnet18, vgg11"):
         build_model("alexnet", 10, (3, 32, 32))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.pruning.params import prunable_names
-from shared.pruning.scores import SCORES, average_scores
+from shared.pruning import masks_from_scores
+from shared.pruning.scores import DATA_SCORES, GRASP_TEMPERATURE, SCORES, average_scores
 
 NAMES = ["features.0.weight", "features.3.weight", "classifier.weight"]
 
@@ -43,7 +44,7 @@ def test_score_leaves_model_untouched(name, tiny_model, tiny_batches):
 
 
 def test_unknown_score_lists_known_names():
-    with pytest.raises(ValueError, match="known: grad, magnitude, random, snip, synflow"):
+    with pytest.raises(ValueError, match="known: grad, grasp, magnitude, random, snip, synflow"):
         SCORES.get("fisher")
 
 
@@ -87,10 +88,82 @@ def test_grad_is_abs_summed_gradient(tiny_model, tiny_batches):
         torch.testing.assert_close(scores[n], grads[n].abs())
 
 
-@pytest.mark.parametrize("name", ["snip", "grad"])
+@pytest.mark.parametrize("name", sorted(DATA_SCORES))
 def test_data_driven_score_needs_batches(name, tiny_model):
     with pytest.raises(ValueError, match="pass batches"):
         SCORES.get(name)(tiny_model, NAMES)
+
+
+def test_grasp_is_a_registered_data_score():
+    assert "grasp" in SCORES and "grasp" in DATA_SCORES
+    assert GRASP_TEMPERATURE == 200.0  # the authors' default
+
+
+def test_grasp_of_a_softmax_classifier_is_weight_times_hand_derived_hessian_gradient():
+    # L = mean_n CE(W x_n / T, y_n):  g = (1/T) mean_n (p_n - e_n) x_n^T
+    #                                 H[V] = (1/T^2) mean_n (diag(p_n) - p_n p_n^T) V x_n x_n^T
+    torch.manual_seed(0)
+    model, t = nn.Linear(4, 3, bias=False), 2.0
+    x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
+    w = model.weight.detach()
+    p = torch.softmax(x @ w.T / t, dim=1)
+    g = ((p - F.one_hot(y, 3)).T @ x) / (t * len(x))
+    jac = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # softmax Jacobian per example
+    hg = torch.einsum("nij,nj,nk->ik", jac, x @ g.T, x) / (t**2 * len(x))
+    scores = SCORES.get("grasp")(model, ["weight"], batches=[(x, y)], temperature=t)
+    torch.testing.assert_close(scores["weight"], w * hg)
+
+
+def _grasp_by_hvp(model: nn.Module, batches, names) -> dict[str, torch.Tensor]:
+    """θ ⊙ (d²L/dθ²)(dL/dθ) with L = sum_b CE(f(x_b) / T, y_b), by torch.autograd.functional.hvp."""
+    model = copy.deepcopy(model).train()
+    theta = tuple(model.get_parameter(n).detach() for n in names)
+
+    def total_loss(*weights):
+        params = dict(zip(names, weights))
+        return sum(
+            F.cross_entropy(torch.func.functional_call(model, params, (x,)) / GRASP_TEMPERATURE, y) for x, y in batches
+        )
+
+    g = torch.autograd.functional.vjp(total_loss, theta)[1]
+    hg = torch.autograd.functional.hvp(total_loss, theta, g)[1]
+    return {n: w * h for n, w, h in zip(names, theta, hg)}
+
+
+def test_grasp_is_weight_times_hessian_gradient_product_in_train_mode(tiny_model, tiny_batches):
+    model = tiny_model.double()  # float64, so the two computations agree to round-off
+    batches = [(x.double(), y) for x, y in tiny_batches]
+    expected = _grasp_by_hvp(model, batches, NAMES)
+    scores = SCORES.get("grasp")(model, NAMES, batches=batches)
+    for n in NAMES:
+        torch.testing.assert_close(scores[n], expected[n], rtol=1e-7, atol=1e-9 * float(expected[n].abs().max()))
+
+
+def test_grasp_masks_keep_what_the_authors_keep(tiny_model, tiny_batches):
+    # The authors score S = -θ ⊙ Hg, remove the highest S and keep the rest.
+    model = tiny_model.double()  # float64: no near-ties at the threshold from round-off
+    batches = [(x.double(), y) for x, y in tiny_batches]
+    authors = {n: -s for n, s in _grasp_by_hvp(model, batches, NAMES).items()}
+    flat = torch.cat([authors[n].reshape(-1) for n in NAMES])
+    kept = round(0.1 * flat.numel())
+    threshold = flat.sort().values[kept - 1]
+    masks = masks_from_scores(SCORES.get("grasp")(model, NAMES, batches=batches), 0.1, "global")
+    for n in NAMES:
+        assert torch.equal(masks[n], authors[n] <= threshold)
+
+
+def test_grasp_skips_single_example_batches_as_snip_does(tiny_model, tiny_batches):
+    x, y = tiny_batches[0]
+    with_single = SCORES.get("grasp")(tiny_model, NAMES, batches=[*tiny_batches, (x[:1], y[:1])])
+    without = SCORES.get("grasp")(tiny_model, NAMES, batches=tiny_batches)
+    assert all(torch.equal(with_single[n], without[n]) for n in NAMES)
+
+
+def test_grasp_is_deterministic_given_batches(tiny_model, tiny_batches):
+    a = SCORES.get("grasp")(tiny_model, NAMES, batches=tiny_batches, seed=0)
+    b = SCORES.get("grasp")(tiny_model, NAMES, batches=tiny_batches, seed=0)
+    assert all(torch.equal(a[n], b[n]) for n in NAMES)
+    assert any(bool((a[n] != 0).any()) for n in NAMES)
 
 
 class TwoLinear(nn.Module):

@@ -51,3 +51,29 @@ def block_for_adjustment(blocks: Sequence[Sequence[str]], step: int) -> list[str
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return list(blocks[len(blocks) - 1 - step % len(blocks)])
+
+
+def gradual_density(step: int, start: int, end: int, final_density: float, initial_density: float = 1.0) -> float:
+    """Density at `step` of gradual magnitude pruning, Zhu & Gupta, "To prune, or not to prune:
+    exploring the efficacy of pruning for model compression", arXiv 1710.01878.
+
+    Their equation (1) in sparsity s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n Δt))^3, written for
+    density d = 1 - s (the same curve, since d_i - d_f = s_f - s_i):
+
+        d_t = d_f + (d_i - d_f) (1 - (t - start) / (end - start))^3   for start <= t <= end,
+
+    d_i before `start` and d_f after `end`: fast pruning early, while redundant weights abound,
+    and slower towards the end. `start == end` is a one-shot step from d_i to d_f at `start`.
+    """
+    if not 0.0 <= final_density <= initial_density <= 1.0:
+        raise ValueError(
+            f"need 0 <= final_density <= initial_density <= 1, got final {final_density}, initial {initial_density}"
+        )
+    if end < start:
+        raise ValueError(f"end must be >= start, got start {start}, end {end}")
+    if step < start or (step == start and start < end):
+        return initial_density
+    if step >= end:
+        return final_density
+    progress = (step - start) / (end - start)
+    return final_density + (initial_density - final_density) * (1.0 - progress) ** 3

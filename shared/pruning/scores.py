@@ -3,7 +3,7 @@
 Every score is ``fn(model, names, batches=None, seed=0) -> dict[str, Tensor]`` with one float
 tensor per named weight, shaped like it. Scores never change the model: weights, buffers
 (batch-norm running statistics), training mode and ``.grad`` are all left as they were.
-Data-driven scores (``snip``, ``grad``) can be computed by each client on its own data and
+Data-driven scores (``snip``, ``grad``, ``grasp``) can be computed by each client on its own data and
 averaged by the server with :func:`average_scores`.
 """
 
@@ -104,6 +104,65 @@ def grad(model: nn.Module, names: list[str], batches: Batches | None = None, see
     return {n: g.abs() for n, g in zip(names, grads)}
 
 
+GRASP_TEMPERATURE = 200.0  # the authors' default T: logits are divided by T in both passes
+
+
+@SCORES.register("grasp")
+def grasp(
+    model: nn.Module,
+    names: list[str],
+    batches: Batches | None = None,
+    seed: int = 0,
+    *,
+    temperature: float = GRASP_TEMPERATURE,
+) -> Scores:
+    """θ ⊙ Hg: the gradient flow lost by removing each weight, with L the cross-entropy of
+    logits / `temperature` summed over `batches`, g = dL/dθ and H = d²L/dθ² (θ: the named weights).
+
+    GraSP: Wang, Zhang & Grosse, "Picking Winning Tickets Before Training by Preserving Gradient
+    Flow", ICLR 2020, arXiv 2002.07376. As the reference code (github.com/alecwangcq/GraSP,
+    ``pruner/GraSP.py``): a first pass sums g over the batches without keeping the graph; a second
+    pass takes, batch by batch, z_b = sum(g.detach() * dL_b/dθ) with the graph kept and adds up
+    dz_b/dθ, so Hg = sum_b H_b g; both passes in train mode (batch statistics), logits divided by
+    T = 200.
+
+    Sign: with f(θ) = ½ gᵀg, df/dθ = Hg, so setting θ_q to zero changes f by about -θ_q (Hg)_q.
+    The authors score S = -θ ⊙ Hg and remove the weights with the *highest* S, i.e. they keep
+    those whose removal would shrink the gradient norm most. Here higher = kept, so the score is
+    -S = θ ⊙ Hg and ``keep_top`` keeps exactly what GraSP keeps. Scores are signed: an allocation
+    that reads them as magnitudes (LAMP treats negative scores as already pruned) does not fit.
+
+    Not done: the authors' normalisation by |sum(S)| (a positive constant, so rankings are the
+    same; raw scores let the server average clients as for ``snip``) and their re-initialisation
+    of linear layers (scores never change the model). One-example batches are skipped, as by
+    ``snip`` (train-mode batch norm cannot normalize them). `seed` is unused: nothing random is drawn.
+    """
+    if not batches:
+        raise ValueError("score 'grasp' is data-driven: pass batches=[(inputs, labels), ...]")
+    params = _parameters(model, names)
+    device = params[0].device if params else torch.device("cpu")
+    usable = [(x.to(device), y.to(device)) for x, y in batches if len(y) >= 2]
+    g = [torch.zeros_like(p) for p in params]
+    hg = [torch.zeros_like(p) for p in params]
+    with _untouched(model, params):
+        model.train()
+        for inputs, labels in usable:  # first pass: g, no graph kept
+            loss = F.cross_entropy(model(inputs) / temperature, labels)
+            for acc, d in zip(g, torch.autograd.grad(loss, params, allow_unused=True)):
+                if d is not None:
+                    acc.add_(d.detach())
+        for inputs, labels in usable:  # second pass: Hg = sum_b d(g . dL_b/dθ)/dθ
+            loss = F.cross_entropy(model(inputs) / temperature, labels)
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            z = sum((gi * d).sum() for gi, d in zip(g, grads) if d is not None)
+            if not (isinstance(z, Tensor) and z.requires_grad):
+                continue  # z does not depend on θ (e.g. no named weight reaches the loss): Hg adds 0
+            for acc, h in zip(hg, torch.autograd.grad(z, params, allow_unused=True)):
+                if h is not None:
+                    acc.add_(h.detach())
+    return {n: p.detach() * h for n, p, h in zip(names, params, hg)}
+
+
 def input_shape(model: nn.Module, batches: Batches | None) -> tuple[int, ...]:
     """Shape of one input (without batch dimension): from `batches`, else `model.input_shape`."""
     if batches:
@@ -179,4 +238,4 @@ def average_scores(scores: Sequence[Scores], weights: Sequence[float] | None = N
 
 
 # Scores computed from data: in federated pruning, clients compute them locally and the server averages them.
-DATA_SCORES = frozenset({"snip", "grad"})
+DATA_SCORES = frozenset({"snip", "grad", "grasp"})
