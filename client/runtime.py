@@ -15,8 +15,8 @@ from flwr.app import Context, RecordDict
 
 from shared import protocol as p
 from shared.config import Config, from_flat
-from shared.data import DataBundle, batches, load_dataset
-from shared.models import build_model
+from shared.data import DataBundle, batches, load_for
+from shared.models import model_for
 from shared.partition import ClientData, client_data
 
 
@@ -28,8 +28,7 @@ class ClientRuntime:
     partition_id: int
 
     def new_model(self) -> torch.nn.Module:
-        c = self.config
-        return build_model(c.model.name, self.bundle.num_classes, self.bundle.input_shape, c.model.width, c.seed)
+        return model_for(self.config, self.bundle)
 
     def train_batches(self, seed: int) -> Callable[[int], Iterable]:
         """Shuffled local training batches for epoch e, reproducible from (seed, e)."""
@@ -72,6 +71,6 @@ def _runtime(flat: tuple, partition_id: int, num_partitions: int) -> ClientRunti
             f"{config.fl.num_clients}; start the federation with num-supernodes={config.fl.num_clients}"
         )
     d = config.dataset
-    bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
+    bundle = load_for(config)
     data = client_data(bundle, config.fl.num_clients, partition_id, d.partition, d.alpha, d.holdout, config.seed)
     return ClientRuntime(config, bundle, data, partition_id)

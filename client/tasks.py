@@ -13,13 +13,13 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.runtime import ClientRuntime
+from server.methods import TrainJob
+from server.methods import load as load_method
 from shared import codec, protocol as p
 from shared.batchnorm import (
     bn_stats_from_tensors, bn_stats_to_tensors, load_stats, recalibrate, restart_running_stats, running_stat_names,
     running_stats_for_upload,
 )
-from shared.pruning.prune_grow import prune_grow
-from shared.pruning.schedule import adjust_counts
 from shared.training import evaluate as evaluate_model
 from shared.training import local_scores, train_masked
 
@@ -51,8 +51,9 @@ def hello(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
 def scores(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
     cfg = content[p.CONFIG]
     model, _ = _load_model(rt, content[p.PAYLOAD][p.MODEL], state)
-    batch_list = list(rt.train_batches(int(cfg["seed"]))(0))[: int(cfg["batches"])]
-    local = local_scores(model, str(cfg["score"]), batch_list, int(cfg["seed"]))
+    seed = int(cfg[p.SEED])
+    batch_list = list(rt.train_batches(seed)(0))[: int(cfg[p.BATCHES])]
+    local = local_scores(model, str(cfg[p.SCORE]), batch_list, seed, trusted=rt.config.trusted)
     n = sum(len(y) for _, y in batch_list)
     return _reply(payload={p.SCORE_TENSORS: codec.encode(local)}, metrics={p.NUM_EXAMPLES: n})
 
@@ -87,90 +88,27 @@ def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDic
 
 
 def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Masked local training; pruned weights stay zero; top-k gradients of pruned positions when asked.
-
-    Method extras: ``dst-fraction`` (FedDST) readjusts the masks locally first and sends the mask
-    changes as sparse (index, value) parts under ``topk``; ``sq-grads`` (PruneFL) also sends
-    squared gradients of every prunable weight under ``scores``.
-    """
+    """Masked local training (pruned weights stay zero), plus what the method's client half adds
+    (`server.methods.base.ClientHalf`: FedTiny's top-k gradients, FedDST's readjustment, ...)."""
     cfg = content[p.CONFIG]
-    _fault_drill(rt, cfg.get("fail"))
+    _fault_drill(rt, cfg.get(p.FAIL))
     model, masks = _load_model(rt, content[p.PAYLOAD][p.MODEL], state)
-    names = list(cfg.get("adjust-names", []))
-    grad_layers = dict(zip(names, (int(k) for k in cfg.get("adjust-k", [])), strict=True)) or None
-    f = rt.config.fl
-    batches = rt.train_batches(int(cfg["seed"]))
-    local = masks
-    if float(cfg.get("dst-fraction", 0.0)) > 0 and masks:
-        grow_batches = list(batches(0))[: int(cfg.get("dst-batches", 1))]
-        local = readjust_masks(model, masks, grow_batches, float(cfg["dst-fraction"]), int(cfg["seed"]))
+    half = load_method(rt.config.method, rt.config.trusted).client
+    seed = int(cfg[p.SEED])
+    job = TrainJob(rt, cfg, model, masks, masks, rt.train_batches(seed), seed)
+    half.before_training(job)
     restart_running_stats(model)  # the download has none; average this client's batches exactly
+    f = rt.config.fl
     result = train_masked(
-        model, local or None, batches, int(cfg["epochs"]), float(cfg["lr"]),
-        f.momentum, f.weight_decay, grad_layers,
+        model, job.local_masks or None, job.batches, int(cfg[p.EPOCHS]), float(cfg[p.LR]),
+        f.momentum, f.weight_decay, half.grad_layers(job),
     )
     # Delta-coded against the download, which the server still holds: unchanged values cost nothing.
     # Decoded again here rather than kept through training, which would hold a dense model copy.
     sent, _ = codec.decode(content[p.PAYLOAD][p.MODEL], masks=masks)
     update = running_stats_for_upload(model.state_dict())
-    payload = {p.UPDATE: codec.encode(update, masks, send_masks=False, base=sent)}
-    if local is not masks:
-        payload[p.TOPK] = codec.encode_sparse(mask_changes(masks, local, model.state_dict()))
-    if result.topk:
-        params = dict(model.named_parameters())
-        parts = {n: (idx, val, tuple(params[n].shape)) for n, (idx, val) in result.topk.items()}
-        payload[p.TOPK] = codec.encode_sparse(parts)
-    if cfg.get("sq-grads", False) and masks:
-        payload[p.SCORE_TENSORS] = codec.encode(squared_gradients(model, list(masks), batches(int(cfg["epochs"]) - 1)))
+    payload = {p.UPDATE: codec.encode(update, masks, send_masks=False, base=sent), **half.after_training(job, result)}
     return _reply(payload=payload, metrics={p.NUM_EXAMPLES: result.num_examples, p.LOSS: result.loss})
-
-
-def readjust_masks(model: torch.nn.Module, masks: dict, batches: list, fraction: float, seed: int) -> dict:
-    """FedDST's local readjustment (RigL-style, arXiv 2112.09824 / 1911.11134): in every sparse layer
-    drop the ceil(fraction x nnz) smallest-|w| kept weights and grow as many pruned positions of
-    largest |dL/dw| on `batches`; grown weights start at zero, so each layer keeps its count."""
-    names = [n for n, m in masks.items() if not bool(m.all())]
-    if not names:
-        return masks
-    grads = local_scores(model, "grad", batches, seed, names)
-    params = dict(model.named_parameters())
-    counts = adjust_counts(masks, names, fraction)
-    new_masks, new_weights = prune_grow(
-        {n: params[n].detach() for n in names}, {n: masks[n] for n in names}, grads, counts
-    )
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(new_weights[n])
-    return {**masks, **new_masks}
-
-
-def mask_changes(old: dict, new: dict, state: dict) -> dict:
-    """Per changed layer, (flat indices where the mask flipped, values there, shape): a drop has value
-    0, a grow its trained value. With the update's values at `old` kept positions this is the whole
-    sparse model in O(changes) extra bytes, and `old` XOR indices gives the new mask."""
-    out = {}
-    for n, m in old.items():
-        idx = (m ^ new[n]).reshape(-1).nonzero().squeeze(1)
-        if idx.numel():
-            out[n] = (idx, state[n].reshape(-1)[idx].float(), tuple(m.shape))
-    return out
-
-
-def squared_gradients(model: torch.nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
-    """PruneFL's importance (arXiv 1909.12326): per-batch mean of (dL/dw)^2 over `batches`, dense,
-    pruned positions included. Runs after the update is encoded (BN running statistics move)."""
-    params = dict(model.named_parameters())
-    total = {n: torch.zeros_like(params[n]) for n in names}
-    count = 0
-    model.train()
-    for x, y in batches:
-        if len(y) < 2:
-            continue
-        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), [params[n] for n in names])
-        for n, g in zip(names, grads):
-            total[n] += g.detach() ** 2
-        count += 1
-    return {n: t / max(1, count) for n, t in total.items()}
 
 
 def evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:

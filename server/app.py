@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -15,12 +14,12 @@ from flwr.serverapp import Grid, ServerApp
 from server import loop
 from server.context import RunContext
 from server.fleet import Fleet
-from server.methods import METHODS
+from server import methods
 from server.recorder import PROGRESS_PREFIX, Recorder, plot
-from shared import codec
+from shared import codec, rundir
 from shared.accounting import count_parameters, flops, model_size
 from shared.config import Config, from_flat, to_yaml
-from shared.data import load_dataset
+from shared.data import load_for
 from shared.export import write_spec
 from shared.pruning import layer_densities
 
@@ -49,27 +48,25 @@ def _log_to_stdout() -> None:
 def output_dir(config: Config) -> Path:
     if config.output_dir:
         return Path(config.output_dir).expanduser().resolve()
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return (Path.cwd() / "outputs" / f"{stamp}-{config.method}").resolve()
+    return rundir.default_output_dir(config.method)
 
 
 def run(grid: Grid, config: Config) -> Path:
     """Run one federated job on `grid` and write its outputs; returns the output directory."""
     out = output_dir(config)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(config))
-    d = config.dataset
+    (out / rundir.CONFIG).write_text(to_yaml(config))
     recorder = Recorder(config.fl.rounds)
     recorder.note(f"output directory {out}")
     fleet = Fleet(
         grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout, config.simulation.virtual_partitions
     )
     try:
-        bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
+        bundle = load_for(config)
         write_spec(out, config, bundle)  # what export needs, so it never reloads the dataset
         ctx = RunContext(config, fleet, bundle, recorder, out)
         fleet.register()
-        method = METHODS.get(config.method)(ctx)
+        method = methods.load(config.method, config.trusted)(ctx)
         gm = loop.run_training(ctx, method)
         federated = loop.federated_evaluation(ctx, gm)
         ctx.totals(fleet.traffic.take())
@@ -79,7 +76,7 @@ def run(grid: Grid, config: Config) -> Path:
         raise
     recorder.summary = summarize(ctx, gm, method, federated)
     recorder.write(out)
-    codec.save(out / "model.ftc", gm.state, gm.masks or None)
+    codec.save(out / rundir.MODEL, gm.state, gm.masks or None)
     plot(out, recorder.rounds, layer_densities(gm.masks) if gm.masks else {})
     recorder.note(
         f"done: accuracy={recorder.summary['accuracy']:.4f} density={recorder.summary['density']:.4f} "

@@ -17,15 +17,15 @@ from pathlib import Path
 from server.context import RunContext
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
-from shared import codec
+from shared import codec, rundir
 
-STATE_FILE = "checkpoint.json"
+STATE_FILE = rundir.CHECKPOINT
 TOTALS = ("bytes_up", "bytes_down", "dense_bytes_up", "dense_bytes_down", "failures", "rejected")
 
 
 def save(ctx: RunContext, gm: GlobalModel, method, t: int) -> None:
     out = ctx.output_dir
-    weights = f"checkpoint-{t}.ftc"
+    weights = rundir.CHECKPOINT_WEIGHTS.format(round=t)
     codec.save(out / weights, gm.state, gm.masks or None)
     state = {
         "round": t,
@@ -40,7 +40,7 @@ def save(ctx: RunContext, gm: GlobalModel, method, t: int) -> None:
     tmp = out / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state))
     os.replace(tmp, out / STATE_FILE)
-    for old in out.glob("checkpoint-*.ftc"):
+    for old in out.glob(rundir.CHECKPOINT_WEIGHTS.format(round="*")):
         if old.name != weights:
             old.unlink(missing_ok=True)
 

@@ -12,7 +12,8 @@ from server.fleet import Fleet, Traffic
 from server.recorder import Recorder
 from shared.config import Config
 from shared.data import DataBundle, batches
-from shared.models import build_model, prunable_blocks, prunable_parameters
+from shared.models import model_for, prunable_blocks
+from shared.pruning.params import prunable_names
 from shared.training import EvalResult, evaluate
 
 
@@ -46,18 +47,17 @@ class RunContext:
         self.dense_bytes_up += replied * model_bytes
 
     def new_model(self) -> torch.nn.Module:
-        c = self.config
-        return build_model(c.model.name, self.bundle.num_classes, self.bundle.input_shape, c.model.width, c.seed)
+        return model_for(self.config, self.bundle)
 
     def prunable(self, model: torch.nn.Module) -> list[str]:
         """Names of the weights that may be pruned (the first layer stays dense if configured)."""
-        names = prunable_parameters(model)
+        names = prunable_names(model)
         return names[1:] if self.config.pruning.keep_first_dense else names
 
     def dense_layers(self, model: torch.nn.Module) -> list[str]:
         """Prunable weights that stay dense (the first layer when `pruning.keep_first_dense`)."""
         keep = set(self.prunable(model))
-        return [n for n in prunable_parameters(model) if n not in keep]
+        return [n for n in prunable_names(model) if n not in keep]
 
     def blocks(self, model: torch.nn.Module) -> list[list[str]]:
         keep = set(self.prunable(model))

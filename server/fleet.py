@@ -33,7 +33,11 @@ class Reply:
     node_id: int
     content: RecordDict
     bytes_up: int
-    decoded: Any = None  # filled by a round's `accept` check, so payloads are decoded once
+    decoded: Any = None  # what the round's check decoded from the payload, so it is decoded once
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.content[p.METRICS][p.NUM_EXAMPLES])
 
 
 @dataclass
@@ -142,11 +146,12 @@ class Fleet:
         message_type: str,
         build: Callable[[int], RecordDict],
         rng: np.random.Generator,
-        accept: Callable[[Reply], str | None] = lambda r: None,
+        check: Callable[[Reply], tuple[Any, str | None]] = lambda r: (None, None),
     ) -> tuple[list[int], list[Reply]]:
         """Sample k clients, exchange, and retry with fresh clients until min_replies of k answered.
 
-        `accept` returns a reason to reject a reply (logged, not aggregated) or None.
+        `check` returns (what it decoded, None) for a usable reply, which keeps it as `Reply.decoded`,
+        or (None, reason) to reject it (logged, counted, not used).
         Returns the sampled node ids and the accepted replies.
         """
         needed = max(1, math.ceil(self.min_replies * k))
@@ -158,8 +163,9 @@ class Fleet:
                 break
             sampled += nodes
             for reply in self.exchange({n: build(n) for n in nodes}, message_type):
-                reason = accept(reply)
+                decoded, reason = check(reply)
                 if reason is None:
+                    reply.decoded = decoded
                     accepted.append(reply)
                 else:
                     self.reject(reply.node_id, message_type, reason)
@@ -194,7 +200,8 @@ class Fleet:
         return line
 
 
-def config_record(**values) -> ConfigRecord:
+def config_record(values: dict) -> ConfigRecord:
+    """A message's config record; None values are left out."""
     return ConfigRecord({k: v for k, v in values.items() if v is not None})
 
 

@@ -13,10 +13,10 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from server import checkpoint
-from server.aggregate import weighted_average
 from server.context import RunContext
 from server.fleet import Reply, config_record
 from server.global_model import GlobalModel
+from server.methods.base import Method
 from server.recorder import RoundRecord
 from shared import codec, protocol as p
 from shared.training import LR_SCHEDULES
@@ -24,44 +24,43 @@ from shared.training import LR_SCHEDULES
 
 def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: dict, failing: set[int]) -> RecordDict:
     f = ctx.config.fl
-    cfg = config_record(round=t, seed=ctx.client_seed(t, node), epochs=f.local_epochs,
-                        lr=LR_SCHEDULES.get(f.lr_schedule)(f.lr, t, f.rounds),
-                        fail=ctx.config.simulation.fail_mode if node in failing else None)
-    for key, value in extra.items():
-        cfg[key] = value
+    cfg = config_record({
+        p.ROUND: t, p.SEED: ctx.client_seed(t, node), p.EPOCHS: f.local_epochs,
+        p.LR: LR_SCHEDULES.get(f.lr_schedule)(f.lr, t, f.rounds),
+        p.FAIL: ctx.config.simulation.fail_mode if node in failing else None, **extra,
+    })
     return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node, running_stats=False)})})
 
 
-def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> str | None:
-    """Decode a client's update against the global masks and weights it was delta-coded against
-    (the round's download); a reason to reject it, or None.
+def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[dict | None, str | None]:
+    """A client's update decoded against the global masks and the weights it was delta-coded
+    against (the round's download), or the reason to reject it: (update, None) or (None, reason).
 
     Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf,
     a mask other than the global one (values at pruned positions, wrong density), and
     num-examples <= 0. With `max_norm` > 0 the update's distance from the global model
-    is clipped to that norm (bounding the influence of outliers).
+    is clipped to that norm (bounding the influence of outliers). Pure: nothing is written.
     """
     try:
         blob = reply.content[p.PAYLOAD][p.UPDATE]
-        num_examples = int(reply.content[p.METRICS][p.NUM_EXAMPLES])
+        num_examples = reply.num_examples
         tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes(), base=gm.state)
     except (KeyError, ValueError, TypeError) as exc:
-        return f"undecodable update ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return None, f"undecodable update ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     if set(tensors) != set(gm.state):
-        return f"layer names differ from the global model: {sorted(set(tensors) ^ set(gm.state))[:3]}"
+        return None, f"layer names differ from the global model: {sorted(set(tensors) ^ set(gm.state))[:3]}"
     for name, value in tensors.items():
         if value.shape != gm.state[name].shape or value.dtype not in gm.upload_dtypes(name):
-            return f"{name} is {value.dtype} {tuple(value.shape)}, expected {gm.state[name].dtype} {tuple(gm.state[name].shape)}"
+            return None, f"{name} is {value.dtype} {tuple(value.shape)}, expected {gm.state[name].dtype} {tuple(gm.state[name].shape)}"
         if value.is_floating_point() and not torch.isfinite(value).all():
-            return f"non-finite values in {name}"
+            return None, f"non-finite values in {name}"
     tensors = {n: v.to(gm.state[n].dtype) for n, v in tensors.items()}
     for name, mask in gm.masks.items():
         if not torch.equal(masks[name], mask):
-            return f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
+            return None, f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
     if num_examples <= 0:
-        return f"num-examples={num_examples}"
-    reply.decoded = clip_update(gm.state, tensors, max_norm) if max_norm > 0 else tensors
-    return None
+        return None, f"num-examples={num_examples}"
+    return (clip_update(gm.state, tensors, max_norm) if max_norm > 0 else tensors), None
 
 
 def clip_update(reference: dict, update: dict, max_norm: float) -> dict:
@@ -86,8 +85,9 @@ def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
     return {n for n in candidates if rng.random() < frac}
 
 
-def training_round(ctx: RunContext, gm: GlobalModel, t: int, extra: dict) -> list[Reply]:
-    """One round of masked FedAvg; the global state is replaced by the aggregate."""
+def training_round(ctx: RunContext, method: Method, gm: GlobalModel, t: int, extra: dict) -> list[Reply]:
+    """One round of masked training with the method's `extra` config; the global state is replaced
+    by the method's aggregate."""
     k = ctx.config.fl.clients_per_round
     failing = failing_nodes(ctx, t, ctx.fleet.nodes)
     sampled, replies = ctx.fleet.round(
@@ -98,13 +98,12 @@ def training_round(ctx: RunContext, gm: GlobalModel, t: int, extra: dict) -> lis
         gm.forget(node)
     for r in replies:
         gm.delivered(r.node_id)
-    weights = [int(r.content[p.METRICS][p.NUM_EXAMPLES]) for r in replies]
-    gm.state = weighted_average([r.decoded for r in replies], weights, gm.masks or None)
+    gm.state = method.aggregate(ctx, gm, replies)
     ctx.dense_traffic(len(sampled), len(replies), gm.dense_bytes())
     return replies
 
 
-def run_training(ctx: RunContext, method) -> GlobalModel:
+def run_training(ctx: RunContext, method: Method) -> GlobalModel:
     """Prepare (or resume from the last checkpoint), then train; a checkpoint after every round."""
     if ctx.config.resume and checkpoint.exists(ctx.output_dir):
         gm, done = checkpoint.restore(ctx, method)
@@ -114,22 +113,28 @@ def run_training(ctx: RunContext, method) -> GlobalModel:
         record_round(ctx, gm, 0, "search" if ctx.fleet.traffic.down else "init", 0, start)
         checkpoint.save(ctx, gm, method, 0)
         done = 0
-    for t in range(done + 1, ctx.config.fl.rounds + 1):
+    for t in range(done + 1, (ctx.config.fl.rounds if method.federated else 0) + 1):
         start = time.monotonic()
-        replies = training_round(ctx, gm, t, method.round_config(ctx, gm, t))
+        replies = training_round(ctx, method, gm, t, method.round_config(ctx, gm, t))
         method.after_round(ctx, gm, t, replies)
         record_round(ctx, gm, t, method.phase(t), len(replies), start)
         checkpoint.save(ctx, gm, method, t)
     return gm
 
 
+def evaluated(t: int, rounds: int, every: int) -> bool:
+    """Rounds with a central test evaluation (`fl.eval_every`): 0, every `every`-th, and the last."""
+    return t % every == 0 or t == rounds
+
+
 def record_round(ctx: RunContext, gm: GlobalModel, t: int, phase: str, clients: int, start: float) -> None:
-    result = ctx.evaluate_central(gm.state)
+    f = ctx.config.fl
+    result = ctx.evaluate_central(gm.state) if evaluated(t, f.rounds, f.eval_every) else None
     traffic = ctx.fleet.traffic.take()
     ctx.totals(traffic)
     ctx.recorder.add(
         RoundRecord(
-            round=t, phase=phase, density=gm.density, accuracy=result.accuracy, loss=result.loss,
+            round=t, phase=phase, density=gm.density, accuracy=result and result.accuracy, loss=result and result.loss,
             bytes_up=traffic.up, bytes_down=traffic.down, seconds=time.monotonic() - start,
             clients=clients, failures=len(traffic.failures), rejected=len(traffic.rejected),
         )
@@ -141,10 +146,9 @@ def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
     build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731
     sampled, replies = ctx.fleet.round(ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.rng)
     ctx.dense_traffic(len(sampled), 0, gm.dense_bytes())
-    metrics = [r.content[p.METRICS] for r in replies]
-    n = sum(int(m[p.NUM_EXAMPLES]) for m in metrics)
+    n = sum(r.num_examples for r in replies)
     return {
-        "federated_accuracy": sum(float(m[p.ACCURACY]) * int(m[p.NUM_EXAMPLES]) for m in metrics) / n,
-        "federated_loss": sum(float(m[p.LOSS]) * int(m[p.NUM_EXAMPLES]) for m in metrics) / n,
+        "federated_accuracy": sum(float(r.content[p.METRICS][p.ACCURACY]) * r.num_examples for r in replies) / n,
+        "federated_loss": sum(float(r.content[p.METRICS][p.LOSS]) * r.num_examples for r in replies) / n,
         "federated_clients": len(replies),
     }

@@ -21,7 +21,7 @@ from server.fleet import config_record
 from shared import codec, protocol as p
 from shared.batchnorm import BNStats, bn_stats_from_tensors, bn_stats_to_tensors, load_stats, pool_stats
 from shared.pruning import average_scores, compute_masks, masks_from_scores
-from shared.pruning.scores import DATA_SCORES
+from shared.pruning.scores import needs_data
 
 Tensors = dict[str, torch.Tensor]
 
@@ -33,19 +33,18 @@ class Candidate:
     loss: float | None = None
 
 
-def client_scores(ctx: RunContext, model: torch.nn.Module, score: str) -> Tensors:
-    """A data-driven score computed by clients on their own data and averaged by sample count."""
-    c = ctx.config
+def client_scores(ctx: RunContext, model: torch.nn.Module, score: str, clients: int, batches: int) -> Tensors:
+    """A data-driven score computed by `clients` sampled clients on `batches` local batches each,
+    averaged by sample count."""
     blob = codec.encode(model.state_dict())
 
     def build(node: int) -> RecordDict:
-        cfg = config_record(score=score, batches=c.fedtiny.score_batches, seed=ctx.client_seed(0, node))
+        cfg = config_record({p.SCORE: score, p.BATCHES: batches, p.SEED: ctx.client_seed(0, node)})
         return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: blob})})
 
-    _, replies = ctx.fleet.round(c.fedtiny.search_clients, p.SCORES, build, ctx.rng)
+    _, replies = ctx.fleet.round(clients, p.SCORES, build, ctx.rng)
     scores = [codec.decode(r.content[p.PAYLOAD][p.SCORE_TENSORS])[0] for r in replies]
-    weights = [int(r.content[p.METRICS][p.NUM_EXAMPLES]) for r in replies]
-    return average_scores(scores, weights)
+    return average_scores(scores, [r.num_examples for r in replies])
 
 
 def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]:
@@ -54,12 +53,14 @@ def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]
     dense = ctx.dense_layers(model)
     out: list[Candidate] = []
     for score in c.fedtiny.scores:
-        averaged = client_scores(ctx, model, score) if score in DATA_SCORES else None
+        data = needs_data(score, c.trusted)
+        averaged = client_scores(ctx, model, score, c.fedtiny.search_clients, c.fedtiny.score_batches) if data else None
         for i, allocation in enumerate(c.fedtiny.allocations):
             if averaged is not None:
-                masks = masks_from_scores(averaged, c.pruning.density, allocation, c.seed + i, keep_dense=dense)
+                masks = masks_from_scores(averaged, c.pruning.density, allocation, c.seed + i, dense, c.trusted)
             else:
-                masks = compute_masks(model, c.pruning.density, score, allocation, seed=c.seed + i, keep_dense=dense)
+                masks = compute_masks(model, c.pruning.density, score, allocation, seed=c.seed + i, keep_dense=dense,
+                                      trusted=c.trusted)
             if not any(all(torch.equal(m, other.masks[n]) for n, m in masks.items()) for other in out):
                 out.append(Candidate(f"{allocation}+{score}", masks))
     return out
@@ -85,7 +86,7 @@ def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate])
     )
     if not evals:
         raise RuntimeError("no client evaluated the candidates (see client errors above)")
-    count = sum(int(r.content[p.METRICS][p.NUM_EXAMPLES]) for r in evals)
+    count = sum(r.num_examples for r in evals)
     for i, cand in enumerate(candidates):
         cand.loss = sum(float(r.content[p.METRICS][p.LOSS_SUMS][i]) for r in evals) / count
     best = min(range(len(candidates)), key=lambda i: (candidates[i].loss, i))

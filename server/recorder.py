@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared import rundir
+
 PROGRESS_PREFIX = "[fedtiny]"
 ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures", "rejected")
 
@@ -23,8 +25,8 @@ class RoundRecord:
     round: int
     phase: str
     density: float
-    accuracy: float
-    loss: float
+    accuracy: float | None  # None: not evaluated this round (fl.eval_every)
+    loss: float | None
     bytes_up: int
     bytes_down: int
     seconds: float
@@ -45,7 +47,7 @@ class Recorder:
         r = record
         print(
             f"{PROGRESS_PREFIX} round {r.round}/{self.total_rounds} phase={r.phase} density={r.density:.4f} "
-            f"accuracy={r.accuracy:.4f} loss={r.loss:.4f} up={r.bytes_up} down={r.bytes_down} "
+            f"accuracy={_fmt(r.accuracy)} loss={_fmt(r.loss)} up={r.bytes_up} down={r.bytes_down} "
             f"clients={r.clients} failures={r.failures} rejected={r.rejected} seconds={r.seconds:.2f}",
             flush=True,
         )
@@ -56,11 +58,15 @@ class Recorder:
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         data = {"rounds": [asdict(r) for r in self.rounds], "summary": self.summary}
-        _atomic_write(out / "metrics.json", json.dumps(data, indent=2))
-        with open(out / "metrics.csv", "w", newline="") as f:
+        _atomic_write(out / rundir.METRICS, json.dumps(data, indent=2))
+        with open(out / rundir.METRICS_CSV, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=ROUND_FIELDS)
             writer.writeheader()
             writer.writerows(asdict(r) for r in self.rounds)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -76,11 +82,11 @@ def plot(out: Path, rounds: list[RoundRecord], layer_density: dict[str, float]) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r.round for r in rounds]
-    for name, ys, label in (
-        ("accuracy", [r.accuracy for r in rounds], "central test accuracy"),
-        ("density", [r.density for r in rounds], "density of prunable weights"),
-        ("bytes", [r.bytes_up + r.bytes_down for r in rounds], "payload bytes (up + down)"),
+    evaluated = [r for r in rounds if r.accuracy is not None]
+    for name, xs, ys, label in (
+        ("accuracy", [r.round for r in evaluated], [r.accuracy for r in evaluated], "central test accuracy"),
+        ("density", [r.round for r in rounds], [r.density for r in rounds], "density of prunable weights"),
+        ("bytes", [r.round for r in rounds], [r.bytes_up + r.bytes_down for r in rounds], "payload bytes (up + down)"),
     ):
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot(xs, ys, marker="o", markersize=3)
@@ -88,7 +94,7 @@ def plot(out: Path, rounds: list[RoundRecord], layer_density: dict[str, float]) 
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / f"{name}.png", dpi=100)
+        fig.savefig(out / rundir.ROUND_PLOTS[name], dpi=100)
         plt.close(fig)
     if layer_density:
         fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(layer_density)), 3.5))
@@ -96,5 +102,5 @@ def plot(out: Path, rounds: list[RoundRecord], layer_density: dict[str, float]) 
         ax.set_xticks(range(len(layer_density)), list(layer_density), rotation=70, fontsize=7)
         ax.set_ylabel("density")
         fig.tight_layout()
-        fig.savefig(out / "layer_density.png", dpi=100)
+        fig.savefig(out / rundir.LAYER_DENSITY_PLOT, dpi=100)
         plt.close(fig)

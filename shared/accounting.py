@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from shared import codec
-from shared.models import dummy_forward
-from shared.pruning.params import PRUNABLE_MODULES, prunable_names
+from shared.pruning.params import PRUNABLE_MODULES, dummy_forward, prunable_names
 
 
 def _kept(param: torch.Tensor, mask: torch.Tensor | None) -> int:

@@ -3,22 +3,29 @@
 Config flows one way. Entry points (the CLI, the ServerApp, the ClientApp) call
 `load_config` or `from_flat` once; everything below receives plain dataclasses.
 Errors are `ConfigError` with one line naming the key and what to do.
+
+The core sections are fixed; every method adds its own settings section (`fedtiny:`,
+`feddst:`, ...), a dataclass registered with `register_section` by the method's module
+(server.methods). A config carries every registered section, so one file can set several
+methods' settings (e.g. for `fedtiny compare`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-METHODS = ("fedtiny", "fedavg", "snip", "synflow", "prunefl", "feddst", "imp")
+BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
 
 
@@ -62,21 +69,16 @@ class FLConfig:
     min_replies: float = 0.5  # fraction of sampled clients whose replies a round needs
     round_timeout: float = 300.0  # seconds to wait for replies in a round
     max_update_norm: float = 0.0  # clip each update's L2 distance from the global model (0: off)
+    eval_every: int = 1  # central test evaluation every this many rounds; round 0 and the last round always
 
 
 @dataclass
-class FedTinyConfig:
-    abns: bool = True  # adaptive batch-norm selection among candidates (False: first candidate)
-    progressive: bool = True  # progressive layer-wise prune/grow after selection
-    allocations: list[str] = field(default_factory=lambda: ["uniform-noise", "global", "erk", "lamp"])
-    scores: list[str] = field(default_factory=lambda: ["magnitude", "synflow"])
-    search_clients: int = 10  # clients sampled for BN recalibration and candidate evaluation
-    score_batches: int = 2  # local batches for client-computed scores (SNIP)
-    adjust_interval: int = 5  # dT: rounds between block adjustments
-    alpha: float = 0.2  # initial prune/grow fraction (cosine-decayed)
-    end_fraction: float = 0.6  # T_end = end_fraction * rounds
-    warmup_epochs: int = 5  # server warm-up epochs on a tiny labelled set (0: none)
-    warmup_shots: int = 10  # examples per class in the server's warm-up set
+class WarmupConfig:
+    """Optional dense pre-training on a tiny labelled server set from the train split, for every method
+    (FedTiny's phase 0, arXiv 2212.01977; never the test split, unlike the reference code)."""
+
+    epochs: int = 5  # 0: none
+    shots: int = 10  # examples per class in the server's warm-up set
 
 
 @dataclass
@@ -94,18 +96,62 @@ class SimulationConfig:
     virtual_partitions: bool = False
 
 
+METHOD_NAMES: set[str] = set()  # registered methods (register_method)
+SECTIONS: dict[str, type] = {}  # method settings: section name -> dataclass with defaults
+
+
+def register_method(name: str, section: str | None = None, settings: type | None = None) -> None:
+    """Record a method's name and its settings section; server.methods' `register` calls this.
+
+    A settings dataclass may define `validate(self, config, check)`, called with the whole config
+    and `check(ok, dotted_key, why)`, to reject impossible values in one line.
+    """
+    METHOD_NAMES.add(name)
+    if settings is None:
+        return
+    if section in _CORE or SECTIONS.get(section, settings) is not settings:
+        raise ValueError(f"config section {section!r} is registered twice or clashes with a core section")
+    SECTIONS[section] = settings
+
+
+def _default_sections() -> dict[str, Any]:
+    _discover()
+    return {name: cls() for name, cls in SECTIONS.items()}
+
+
 @dataclass
 class Config:
-    method: str = "fedtiny"
+    method: str = "fedtiny"  # a registered method, or package.module:Class from a trusted package
     seed: int = 0
     output_dir: str = ""  # empty: outputs/<timestamp>-<method>
     resume: bool = False  # continue from output_dir's last checkpoint (fedtiny run --resume DIR)
+    # Packages whose code a `package.module:name` in this config may import (methods, models, datasets,
+    # scores, allocations). Importing runs that code with your permissions: name only code you trust.
+    trusted: list[str] = field(default_factory=list)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     fl: FLConfig = field(default_factory=FLConfig)
-    fedtiny: FedTinyConfig = field(default_factory=FedTinyConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    sections: dict[str, Any] = field(default_factory=_default_sections)  # method settings by section name
+
+    def __getattr__(self, name: str) -> Any:
+        """A method's settings section as an attribute: `config.fedtiny.alpha`."""
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"config has no section {name!r}; known: {sorted(sections or {})}")
+
+
+_CORE = {f.name for f in dataclasses.fields(Config)}
+
+
+def _discover(method: str | None = None, trusted: Iterable[str] = ()) -> None:
+    """Register the built-in methods' sections, and a user's `package.module:Class` method's."""
+    plugins = importlib.import_module(BUILTIN_METHODS)
+    if method and ":" in method:
+        plugins.load(method, trusted)  # registers its section
 
 
 def load_config(file: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -119,7 +165,7 @@ def load_config(file: str | Path | None = None, overrides: Iterable[str] = ()) -
             raise ConfigError(f"override {item!r} is not key=value (e.g. pruning.density=0.01)")
     if overrides:
         layers.append(OmegaConf.from_dotlist(overrides))
-    return _build(layers)
+    return _build(layers, defaults=1)
 
 
 def from_mapping(values: Mapping[str, Any]) -> Config:
@@ -129,51 +175,73 @@ def from_mapping(values: Mapping[str, Any]) -> Config:
 
 def from_flat(flat: Mapping[str, Any]) -> Config:
     """Build a Config from Flower's flat run config (`'fl.rounds': 3`, lists as comma-separated strings)."""
-    nested: dict[str, Any] = {}
+    flat = dict(flat)
+    nested: dict[str, Any] = json.loads(flat.pop(USER_SECTIONS, "") or "{}")
     for key, value in flat.items():
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    for section, name in _list_fields():
-        raw = nested.get(section, {}).get(name)
-        if isinstance(raw, str):
-            nested[section][name] = [s.strip() for s in raw.split(",") if s.strip()]
+    _discover(nested.get("method"), _split(nested.get("trusted", "")))
+    for path in _list_fields():
+        parent = nested
+        for part in path[:-1]:
+            parent = parent.get(part, {})
+        if isinstance(parent.get(path[-1]), str):
+            parent[path[-1]] = _split(parent[path[-1]])
     return from_mapping(nested)
 
 
-def to_flat(config: Config) -> dict[str, Any]:
-    """Flatten to Flower's run-config form: dotted keys, scalar values, lists comma-joined."""
-    flat: dict[str, Any] = {}
+def _split(raw: Any) -> Any:
+    return [s.strip() for s in raw.split(",") if s.strip()] if isinstance(raw, str) else raw
 
-    def walk(prefix: str, obj: Any) -> None:
+
+def _walk(config: Config) -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    """(dotted key, value, field) of every leaf: core keys, then each method section's."""
+
+    def walk(prefix: str, obj: Any) -> Iterator[tuple[str, Any, dataclasses.Field]]:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(value):
-                walk(key + ".", value)
-            elif isinstance(value, list):
-                flat[key] = ",".join(value)
-            else:
-                flat[key] = value
+                yield from walk(f"{prefix}{f.name}.", value)
+            elif f.name != "sections" or prefix:
+                yield f"{prefix}{f.name}", value, f
 
-    walk("", config)
+    yield from walk("", config)
+    for name, section in config.sections.items():
+        yield from walk(f"{name}.", section)
+
+
+USER_SECTIONS = "user_sections"  # flat key: JSON of the sections of methods outside server.methods
+
+
+def _builtin(section: Any) -> bool:
+    return type(section).__module__.startswith(BUILTIN_METHODS + ".")
+
+
+def to_flat(config: Config) -> dict[str, Any]:
+    """Flatten to Flower's run-config form: dotted keys, scalar values, lists comma-joined.
+
+    Flower accepts only the keys of the app's own config (pyproject.toml), so the sections of a
+    user's method travel as one JSON string under `user_sections`.
+    """
+    builtin = dataclasses.replace(config, sections={n: v for n, v in config.sections.items() if _builtin(v)})
+    flat = {key: ",".join(v) if isinstance(v, list) else v for key, v, _ in _walk(builtin)}
+    user = {n: dataclasses.asdict(v) for n, v in config.sections.items() if not _builtin(v)}
+    flat[USER_SECTIONS] = json.dumps(user) if user else ""
     return flat
 
 
 def to_yaml(config: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    nested = OmegaConf.to_container(OmegaConf.structured(config))
+    nested.update(nested.pop("sections"))
+    return OmegaConf.to_yaml(nested)
 
 
-def _list_fields() -> list[tuple[str, str]]:
-    return [
-        (section.name, f.name)
-        for section in dataclasses.fields(Config)
-        if dataclasses.is_dataclass(section.default_factory) if section.default_factory is not dataclasses.MISSING
-        for f in dataclasses.fields(section.default_factory)
-        if f.default_factory is not dataclasses.MISSING
-    ]
+def _list_fields() -> list[tuple[str, ...]]:
+    """Dotted paths of the list-valued keys (comma-joined in Flower's flat config)."""
+    return [tuple(key.split(".")) for key, value, _ in _walk(Config()) if isinstance(value, list)]
 
 
 def _load_yaml(path: Path):
@@ -185,15 +253,40 @@ def _load_yaml(path: Path):
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
 
 
-def _build(layers: list) -> Config:
-    schema = OmegaConf.structured(Config)
+def _build(layers: list, defaults: int = 0) -> Config:
+    """Merge `layers` onto the schema and validate; the first `defaults` layers are defaults, not the user's."""
     try:
-        merged = OmegaConf.merge(schema, *layers)
-        config = OmegaConf.to_object(merged)
+        raw = OmegaConf.merge(*layers)
+        explicit = OmegaConf.merge({}, *layers[defaults:])
+        method, trusted = raw.get("method"), list(raw.get("trusted") or [])
+        _discover(method if isinstance(method, str) else None, trusted)
+        sections = {name: raw.pop(name) for name in list(raw) if name in SECTIONS}
+        unknown = [k for k in raw if k not in _CORE or k == "sections"]
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}; see configs/default.yaml for valid keys")
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
+        for name, cls in SECTIONS.items():
+            merged = OmegaConf.merge(OmegaConf.structured(cls), sections.get(name, {}))
+            config.sections[name] = OmegaConf.to_object(merged)
+        _fit_fleet(config, explicit)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+    except ValueError as exc:  # an untrusted or broken package.module:Class method
+        raise ConfigError(f"config key 'method': {str(exc).splitlines()[0]}") from None
     validate(config)
     return config
+
+
+def _fit_fleet(config: Config, explicit) -> None:
+    """Client counts the user did not set follow the fleet: at most `fl.num_clients` (a set one is validated)."""
+    n = config.fl.num_clients
+    keys = [("fl", "clients_per_round")] + [
+        (name, key) for name, cls in SECTIONS.items() for key in getattr(cls, "FLEET_BOUND", ())
+    ]
+    for section, key in keys:
+        if OmegaConf.select(explicit, f"{section}.{key}") is None:
+            obj = getattr(config, section)
+            setattr(obj, key, min(getattr(obj, key), n))
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:
@@ -213,7 +306,8 @@ def validate(c: Config) -> None:
         if not ok:
             raise ConfigError(f"config key {key!r} {why} (got {_get(c, key)!r})")
 
-    check(c.method in METHODS, "method", f"must be one of {', '.join(METHODS)}")
+    check(c.method in METHOD_NAMES or ":" in c.method, "method",
+          f"must be one of {', '.join(sorted(METHOD_NAMES))} (or package.module:Class from a trusted package)")
     check(0.0 < c.pruning.density <= 1.0 and math.isfinite(c.pruning.density), "pruning.density", "must be in (0, 1]")
     check(c.dataset.partition in ("iid", "dirichlet"), "dataset.partition", "must be iid or dirichlet")
     check(c.dataset.alpha > 0, "dataset.alpha", "must be > 0")
@@ -230,38 +324,36 @@ def validate(c: Config) -> None:
     check(c.fl.weight_decay >= 0, "fl.weight_decay", "must be >= 0")
     check(0.0 < c.fl.min_replies <= 1.0, "fl.min_replies", "must be in (0, 1]")
     check(c.fl.round_timeout > 0, "fl.round_timeout", "must be > 0")
+    check(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1 (1 evaluates every round)")
     check(c.fl.max_update_norm >= 0, "fl.max_update_norm", "must be >= 0 (0 turns clipping off)")
-    check(len(c.fedtiny.allocations) > 0, "fedtiny.allocations", "must name at least one allocation")
-    check(len(c.fedtiny.scores) > 0, "fedtiny.scores", "must name at least one score")
-    check(1 <= c.fedtiny.search_clients <= c.fl.num_clients, "fedtiny.search_clients", "must be in [1, fl.num_clients]")
-    check(c.fedtiny.score_batches >= 1, "fedtiny.score_batches", "must be >= 1")
-    check(c.fedtiny.adjust_interval >= 1, "fedtiny.adjust_interval", "must be >= 1")
-    check(0.0 <= c.fedtiny.alpha <= 1.0, "fedtiny.alpha", "must be in [0, 1]")
-    check(0.0 <= c.fedtiny.end_fraction <= 1.0, "fedtiny.end_fraction", "must be in [0, 1]")
-    check(c.fedtiny.warmup_epochs >= 0, "fedtiny.warmup_epochs", "must be >= 0")
-    check(c.fedtiny.warmup_shots >= 1, "fedtiny.warmup_shots", "must be >= 1")
+    check(c.warmup.epochs >= 0, "warmup.epochs", "must be >= 0")
+    check(c.warmup.shots >= 1, "warmup.shots", "must be >= 1")
     check(c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client",
           "must be a whole number >= 1 (to run more clients at once raise simulation.num_cpus)")
     check(c.simulation.num_cpus >= 1, "simulation.num_cpus", "must be >= 1")
     check(0.0 <= c.simulation.fail_fraction < 1.0, "simulation.fail_fraction", "must be in [0, 1)")
     check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")
+    for section in c.sections.values():
+        if hasattr(section, "validate"):
+            section.validate(c, check)
     _check_names(c)
 
 
 def _check_names(c: Config) -> None:
     """Names that registries resolve are checked here so a typo fails before any work starts."""
-    from shared.pruning.allocation import ALLOCATIONS
-    from shared.pruning.scores import SCORES
     from shared.training import LR_SCHEDULES
 
-    for name in c.fedtiny.allocations:
-        if name not in ALLOCATIONS:
-            raise ConfigError(f"config key 'fedtiny.allocations': unknown allocation {name!r}; known: {', '.join(ALLOCATIONS.names())}")
     if c.fl.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"config key 'fl.lr_schedule': unknown schedule {c.fl.lr_schedule!r}; known: {', '.join(LR_SCHEDULES.names())}")
-    for name in c.fedtiny.scores:
-        if name not in SCORES:
-            raise ConfigError(f"config key 'fedtiny.scores': unknown score {name!r}; known: {', '.join(SCORES.names())}")
+
+
+def resolve(registry, name: str, key: str, c: Config) -> None:
+    """Check that `registry` resolves `name` under this config's trusted packages (for a section's validate)."""
+    try:
+        registry.get(name, c.trusted)
+    except ValueError as exc:
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {message[0].lower()}{message[1:]}") from None
 
 
 def _get(c: Config, dotted: str) -> Any:

@@ -19,12 +19,15 @@ import inspect
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from shared.registry import Registry
+
+if TYPE_CHECKING:
+    from shared.config import Config
 
 DataLoader = Callable[[str, int, float], "DataBundle"]
 DATASETS: Registry[DataLoader] = Registry("dataset", allow_import=True)
@@ -70,17 +73,26 @@ class DataBundle:
         return int(c), int(h), int(w)
 
 
-def load_dataset(name: str, path: str = "", seed: int = 0, test_fraction: float = 0.2) -> DataBundle:
-    """The dataset `name` (a DATASETS key or `package.module:callable`), cached in-process.
+def load_dataset(
+    name: str, path: str = "", seed: int = 0, test_fraction: float = 0.2, trusted: Iterable[str] = ()
+) -> DataBundle:
+    """The dataset `name` (a DATASETS key or `package.module:callable` from a `trusted` package),
+    cached in-process.
 
     The arrays are read-only because the cached bundle is shared by every caller in the process.
     """
-    return _load_cached(name, path, int(seed), float(test_fraction))
+    return _load_cached(name, path, int(seed), float(test_fraction), tuple(trusted))
+
+
+def load_for(config: Config) -> DataBundle:
+    """The dataset of a validated run config (its `dataset` section and seed), cached like `load_dataset`."""
+    d = config.dataset
+    return load_dataset(d.name, d.path, config.seed, d.test_fraction, config.trusted)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, path: str, seed: int, test_fraction: float) -> DataBundle:
-    loader = DATASETS.get(name)
+def _load_cached(name: str, path: str, seed: int, test_fraction: float, trusted: tuple[str, ...]) -> DataBundle:
+    loader = DATASETS.get(name, trusted)
     if name in DATASETS:
         result = loader(path, seed, test_fraction)
     else:

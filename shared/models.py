@@ -13,18 +13,16 @@ names in forward order, for progressive pruning); without it, blocks are its top
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from shared.pruning.params import prunable_names
 from shared.registry import Registry
 
 ModelBuilder = Callable[..., nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model", allow_import=True)
-
-PRUNABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
-
 
 def _ch(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
@@ -62,7 +60,7 @@ class CNN(nn.Module):
 
     def prunable_blocks(self) -> list[list[str]]:
         """Each prunable layer is its own block."""
-        return [[name] for name in prunable_parameters(self)]
+        return [[name] for name in prunable_names(self)]
 
 
 class CNNPool(nn.Module):
@@ -106,7 +104,7 @@ class CNNPool(nn.Module):
 
     def prunable_blocks(self) -> list[list[str]]:
         """Each prunable layer is its own block."""
-        return [[name] for name in prunable_parameters(self)]
+        return [[name] for name in prunable_names(self)]
 
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -138,7 +136,7 @@ class VGG(nn.Module):
 
     def prunable_blocks(self) -> list[list[str]]:
         """Pairs of consecutive prunable layers (FedTiny adjusts VGG two layers per step)."""
-        names = prunable_parameters(self)
+        names = prunable_names(self)
         return [names[i : i + 2] for i in range(0, len(names), 2)]
 
 
@@ -189,7 +187,7 @@ class ResNet(nn.Module):
 
     def prunable_blocks(self) -> list[list[str]]:
         """Stem, layer1..layer4 (each stage with its shortcut convs), fc."""
-        return _blocks_by_top_level(prunable_parameters(self))
+        return _blocks_by_top_level(prunable_names(self))
 
 
 @MODELS.register("cnn")
@@ -213,9 +211,10 @@ def resnet18(num_classes: int, input_shape: tuple[int, int, int], width: float =
 
 
 def build_model(
-    name: str, num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0, seed: int = 0
+    name: str, num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0, seed: int = 0,
+    trusted: Iterable[str] = (),
 ) -> nn.Module:
-    """Model `name` (a MODELS key or `package.module:callable`), initialized from `seed`.
+    """Model `name` (a MODELS key or `package.module:callable` from a `trusted` package), initialized from `seed`.
 
     The global torch RNG is left as it was. Sets `model.input_shape` (used to find forward order).
     """
@@ -223,7 +222,7 @@ def build_model(
         raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
     if width <= 0:
         raise ValueError(f"model width must be > 0, got {width}")
-    builder = MODELS.get(name)
+    builder = MODELS.get(name, trusted)
     input_shape = tuple(int(s) for s in input_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -232,64 +231,6 @@ def build_model(
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     model.input_shape = input_shape
     return model
-
-
-def prunable_parameters(model: nn.Module) -> list[str]:
-    """Names of conv and linear weights, in forward order.
-
-    Forward order comes from hooks on one dummy input of `model.input_shape` (eval mode, no
-    gradients, training flag restored) when the model has that attribute, else registration order.
-    Layers never called in forward come last, in registration order.
-    """
-    params = dict(model.named_parameters())
-    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
-    names = [f"{name}.weight" for name, _ in modules]
-    input_shape = getattr(model, "input_shape", None)
-    if input_shape is not None:
-        order = _forward_order(model, modules, tuple(input_shape))
-        names = [f"{name}.weight" for name in order] + [n for n in names if n[: -len(".weight")] not in order]
-    seen: set[str] = set()
-    result = []
-    for n in names:
-        if n in params and n not in seen:  # tied weights appear once, under their first name
-            seen.add(n)
-            result.append(n)
-    return result
-
-
-def _forward_order(model: nn.Module, modules: list[tuple[str, nn.Module]], input_shape: tuple) -> list[str]:
-    order: list[str] = []
-    handles = []
-    for name, module in modules:
-
-        def hook(_module: nn.Module, _inputs: object, _output: object, name: str = name) -> None:
-            if name not in order:
-                order.append(name)
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        dummy_forward(model, input_shape)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
-
-
-@torch.no_grad()
-def dummy_forward(model: nn.Module, input_shape: tuple[int, ...]) -> None:
-    """One eval-mode forward pass of a zero input (1, *input_shape), for hooks that inspect the model.
-
-    The model's train/eval mode is restored; BN statistics do not move in eval mode.
-    """
-    was_training = model.training
-    first = next(model.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    try:
-        model.eval()
-        model(torch.zeros(1, *input_shape, device=device, dtype=dtype))
-    finally:
-        model.train(was_training)
 
 
 def _blocks_by_top_level(names: list[str]) -> list[list[str]]:
@@ -306,7 +247,7 @@ def prunable_blocks(model: nn.Module) -> list[list[str]]:
     Uses the model's own `prunable_blocks()` when defined, else groups by top-level child module.
     Raises ValueError unless every prunable name is in exactly one block.
     """
-    names = prunable_parameters(model)
+    names = prunable_names(model)
     own = getattr(model, "prunable_blocks", None)
     blocks = [list(b) for b in own()] if callable(own) else _blocks_by_top_level(names)
     flat = [n for block in blocks for n in block]
@@ -315,3 +256,9 @@ def prunable_blocks(model: nn.Module) -> list[list[str]]:
             f"{type(model).__name__}.prunable_blocks() must put every prunable weight in exactly one non-empty block"
         )
     return blocks
+
+
+def model_for(config, bundle) -> nn.Module:
+    """The seeded model of a validated run config (`shared.config.Config`) for the data `bundle`."""
+    m = config.model
+    return build_model(m.name, bundle.num_classes, bundle.input_shape, m.width, config.seed, config.trusted)

@@ -23,8 +23,10 @@ METRICS = "metrics"
 # Payload keys (bytes or lists of bytes)
 MODEL = "model"  # codec: state dict, values of active weights, masks that changed
 UPDATE = "update"  # codec: trained state dict, values of active weights only
-TOPK = "topk"  # codec sparse: top-k gradients of pruned positions
-SCORE_TENSORS = "scores"  # codec: dense local importance scores
+TOPK = "topk"  # codec sparse: top-k gradients of pruned positions (FedTiny)
+MASK_CHANGES = "mask-changes"  # codec sparse: flipped mask positions and their values (FedDST)
+SQ_GRADS = "sq-grads"  # codec: per-batch mean squared gradients of every prunable weight (PruneFL)
+SCORE_TENSORS = "scores"  # codec: dense local importance scores (query.scores)
 CANDIDATE_BASE = "candidate-base"  # codec: the warm-up state on the union of the candidates' masks
 CANDIDATE_MASKS = "candidates"  # list of codec payloads, each candidate's mask within the union
 BN_STATS = "bn"  # list of codec payloads of BN statistics, one per candidate
@@ -36,5 +38,19 @@ ACCURACY = "accuracy"
 LOSS_SUMS = "loss-sums"
 PARTITION = "partition-id"
 
-# Config keys
+# Config keys: every message
 ACTING_PARTITION = "partition"  # simulation.virtual_partitions: the partition a virtual client holds
+SEED = "seed"  # seed of the client's local work (shuffling, random scores)
+# train
+ROUND = "round"
+EPOCHS = "epochs"
+LR = "lr"  # this round's client learning rate
+FAIL = "fail"  # fault drill: how this client must fail (simulation.fail_mode)
+ADJUST_NAMES = "adjust-names"  # FedTiny: the adjusted block's layers ...
+ADJUST_K = "adjust-k"  # ... and k_l, the top-k gradients each uploads
+DST_FRACTION = "dst-fraction"  # FedDST: readjust this fraction of each sparse layer ...
+DST_BATCHES = "dst-batches"  # ... with growth gradients from this many local batches
+SEND_SQ_GRADS = "sq-grads"  # PruneFL: also send squared gradients
+# query.scores
+SCORE = "score"  # a shared.pruning.scores name
+BATCHES = "batches"  # local batches to score on

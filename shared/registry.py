@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T", bound=Callable)
 
@@ -30,13 +30,13 @@ class Registry(Generic[T]):
 
         return decorator
 
-    def get(self, name: str) -> T:
-        """The callable registered as `name`, or `package.module:callable` when imports are allowed."""
+    def get(self, name: str, trusted: Iterable[str] = ()) -> T:
+        """The callable registered as `name`, or `package.module:callable` from a `trusted` package."""
         if name in self._items:
             return self._items[name]
         if self.allow_import and ":" in name:
-            return import_callable(name, self.kind)
-        hint = " (or package.module:callable)" if self.allow_import else ""
+            return import_callable(name, self.kind, trusted)
+        hint = " (or package.module:callable from a trusted package)" if self.allow_import else ""
         raise ValueError(f"Unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}{hint}")
 
     def names(self) -> list[str]:
@@ -49,9 +49,19 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-def import_callable(spec: str, kind: str = "callable") -> Callable:
-    """Import `package.module:attr`, with a one-line error naming what failed."""
+def import_callable(spec: str, kind: str = "callable", trusted: Iterable[str] = ()) -> Callable:
+    """Import `package.module:attr`, with a one-line error naming what failed.
+
+    Importing runs the module's code, so only packages the user named as trusted (the config's
+    `trusted` list) are imported; anything else is refused before any import happens.
+    """
     module_name, _, attr = spec.partition(":")
+    package = module_name.split(".", 1)[0]
+    if package not in set(trusted):
+        raise ValueError(
+            f"{kind} {spec!r} would import and run code from package {package!r}, which is not trusted; "
+            f"if you trust it, add it to the config: trusted=[{package}]"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -20,6 +20,16 @@ RUN_CONFIG = "run_config.toml"  # the flat config handed to `flwr run`
 RUN_LOG = "run.log"
 COMPARISON_CSV = "comparison.csv"  # fedtiny compare
 COMPARISON_MD = "comparison.md"
+ROUND_PLOTS = {"accuracy": "accuracy.png", "density": "density.png", "bytes": "bytes.png"}  # one value per round
+LAYER_DENSITY_PLOT = "layer_density.png"  # density of each layer's final mask
+COMPARISON_PLOTS = {  # fedtiny compare, by x axis
+    "density": "accuracy_vs_density.png",
+    "round": "accuracy_vs_round.png",
+    "bytes": "accuracy_vs_bytes.png",
+}
+FLWR_HOME = ".flwr"  # a simulated run's own FLWR_HOME (its SuperLink's state and log)
+SUPERLINK_LOG = "superlink.log"  # in FLWR_HOME (simulation) or DEPLOY_DIR (deploy-local)
+DEPLOY_DIR = "deploy"  # deploy-local: certificates, node keys, each process's FLWR_HOME and log
 
 
 def default_output_dir(method: str, root: Path | None = None) -> Path:

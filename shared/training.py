@@ -232,13 +232,15 @@ def local_scores(
     batches: Batches,
     seed: int,
     names: Sequence[str] | None = None,
+    trusted: Sequence[str] = (),
 ) -> dict[str, Tensor]:
     """A client's pruning scores (e.g. SNIP) on its data, for the server to average.
 
-    `names` defaults to every prunable weight; `score_name` picks from `shared.pruning.scores.SCORES`.
+    `names` defaults to every prunable weight; `score_name` picks from `shared.pruning.scores.SCORES`
+    (or is `package.module:fn` from a `trusted` package).
     """
     names = list(names) if names is not None else prunable_names(model)
-    return SCORES.get(score_name)(model, names, batches=list(batches), seed=seed)
+    return SCORES.get(score_name, trusted)(model, names, batches=list(batches), seed=seed)
 
 
 def warmup(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from shared import rundir
 from simulations.harness import LineClock, bench_config, probe_cluster, ray_head, run_fedtiny, run_plain
 from simulations.monitor import TreeMonitor
 
@@ -55,7 +56,7 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
         out = work / f"scale-{n}"
         note(f"scale: {n} clients, {per_round} per round, {config.fl.rounds} rounds -> {out}")
         start = time.monotonic()
-        with TreeMonitor(marker=str(out)) as mon, LineClock(out / "run.log", ["output directory", "partitions to virtual clients"]) as clock:
+        with TreeMonitor(marker=str(out)) as mon, LineClock(out / rundir.RUN_LOG, ["output directory", "partitions to virtual clients"]) as clock:
             metrics = run_fedtiny(config, out)
         rounds = [r for r in metrics["rounds"] if r["round"] >= 1]
         registered = clock.seen.get("partitions to virtual clients")

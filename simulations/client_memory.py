@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from shared.models import build_model, prunable_blocks, prunable_parameters
+from shared.models import build_model, prunable_blocks
+from shared.pruning.params import prunable_names
 from shared.pruning import compute_masks
 from shared.training import train_masked
 
@@ -48,7 +49,7 @@ def random_batches(shape: tuple[int, ...], batch_size: int, count: int, seed: in
 def measure(model_name: str, shape: tuple[int, ...], density: float, batch_size: int, num_batches: int, alpha: float) -> dict:
     torch.set_num_threads(1)
     model = build_model(model_name, 10, shape, 1.0, 0)
-    names = prunable_parameters(model)
+    names = prunable_names(model)
     masks = None
     grad_layers = None
     if density < 1.0:

@@ -16,6 +16,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.fleet import payload_blobs
+from shared import rundir
 from shared.config import Config, to_flat
 
 
@@ -81,4 +82,4 @@ def run_in_process(config: Config, out: Path) -> tuple[dict, InProcessGrid]:
     config.output_dir = str(out)
     grid = InProcessGrid(config)
     run(grid, config)
-    return json.loads((out / "metrics.json").read_text()), grid
+    return json.loads((out / rundir.METRICS).read_text()), grid

@@ -8,7 +8,7 @@ from server.context import RunContext
 from server.fleet import Fleet
 from server.recorder import Recorder
 from shared.config import Config, load_config
-from shared.data import load_dataset
+from shared.data import load_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -19,8 +19,7 @@ def tiny_config(tmp_path: Path, *overrides: str) -> Config:
 
 
 def run_context(config: Config, grid, tmp_path: Path) -> RunContext:
-    d = config.dataset
-    bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
+    bundle = load_for(config)
     fleet = Fleet(
         grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout, config.simulation.virtual_partitions
     )

@@ -15,10 +15,9 @@ from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.loop import run_training, training_round
 from server.methods import METHODS
-from client.tasks import mask_changes
-from server.methods.feddst import global_masks_from, local_masks
+from server.methods.feddst import global_masks_from, local_masks, mask_changes
 from server.methods.imp import prune_rounds
-from server.methods.prunefl import remask
+from server.methods.prunefl import REMASK
 from shared import codec, protocol as p
 from shared.pruning import masks_from_scores
 
@@ -36,7 +35,7 @@ def _exact(masks, d=DENSITY):
 
 @pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_runs_and_ends_at_the_target_density(tmp_path, name):
-    config = tiny_config(tmp_path, f"method={name}", "fl.rounds=2", "fedtiny.scores=[magnitude]", "fedtiny.warmup_epochs=1")
+    config = tiny_config(tmp_path, f"method={name}", "fl.rounds=2", "fedtiny.scores=[magnitude]", "warmup.epochs=1")
     out = run(FakeGrid(config), config)
     summary = json.loads((out / "metrics.json").read_text())["summary"]
     assert summary["method"] == name and 0.0 <= summary["accuracy"] <= 1.0
@@ -45,7 +44,7 @@ def test_every_method_runs_and_ends_at_the_target_density(tmp_path, name):
 
 
 def test_snip_masks_come_from_the_example_weighted_mean_of_client_scores(tmp_path):
-    config = tiny_config(tmp_path, "fedtiny.score_batches=1000")  # all local data: clients differ in size
+    config = tiny_config(tmp_path, "snip.batches=1000")  # all local data: clients differ in size
     ctx = run_context(config, FakeGrid(config), tmp_path)
     seen = []
     exchange = ctx.fleet.exchange
@@ -54,7 +53,7 @@ def test_snip_masks_come_from_the_example_weighted_mean_of_client_scores(tmp_pat
     gm = method.prepare(ctx)
     scores = [codec.decode(r.content[p.PAYLOAD][p.SCORE_TENSORS])[0] for r in seen]
     weights = [int(r.content[p.METRICS][p.NUM_EXAMPLES]) for r in seen]
-    assert len(scores) == config.fedtiny.search_clients and len(set(weights)) > 1
+    assert len(scores) == config.snip.clients and len(set(weights)) > 1
     for name, agg in method.scores.items():
         mean = sum(w * s[name].double() for w, s in zip(weights, scores)) / sum(weights)
         assert torch.allclose(agg.double(), mean, rtol=1e-5, atol=0)
@@ -80,21 +79,21 @@ def test_synflow_prunes_without_asking_clients_at_exact_density(tmp_path):
 def test_prunefl_remask_swaps_only_when_a_pruned_weight_is_more_important():
     mask = torch.tensor([True, True, False, False])
     importance = torch.tensor([0.5, 3.0, 4.0, 0.1])
-    assert remask(mask, importance, max_swaps=2).tolist() == [False, True, True, False]
-    assert remask(mask, importance, max_swaps=0).tolist() == mask.tolist()
+    assert REMASK.update_layer(torch.zeros(4), mask, importance, 2)[0].tolist() == [False, True, True, False]
+    assert REMASK.update_layer(torch.zeros(4), mask, importance, 0)[0].tolist() == mask.tolist()
 
 
 def test_prunefl_changes_masks_at_its_interval_only(tmp_path):
     config = tiny_config(tmp_path, "method=prunefl", "fl.rounds=3")
     ctx = run_context(config, FakeGrid(config), tmp_path)
     method = METHODS.get("prunefl")(ctx)
-    method.interval = 2
+    method.settings.interval = 2
     gm = method.prepare(ctx)
     start = {n: m.clone() for n, m in gm.masks.items()}
     for t in (1, 2):
         extra = method.round_config(ctx, gm, t)
-        replies = training_round(ctx, gm, t, extra)
-        assert all((p.SCORE_TENSORS in r.content[p.PAYLOAD]) == (t == 2) for r in replies)
+        replies = training_round(ctx, method, gm, t, extra)
+        assert all((p.SQ_GRADS in r.content[p.PAYLOAD]) == (t == 2) for r in replies)
         before = {n: m.clone() for n, m in gm.masks.items()}
         method.after_round(ctx, gm, t, replies)
         changed = [n for n in gm.masks if not torch.equal(gm.masks[n], before[n])]
@@ -108,7 +107,7 @@ def _reply(node, global_masks, state, masks, n):
     content = RecordDict()
     content[p.PAYLOAD] = ConfigRecord({
         p.UPDATE: codec.encode(state, global_masks, send_masks=False),
-        p.TOPK: codec.encode_sparse(mask_changes(global_masks, masks, state)),
+        p.MASK_CHANGES: codec.encode_sparse(mask_changes(global_masks, masks, state)),
     })
     content[p.METRICS] = MetricRecord({p.NUM_EXAMPLES: n})
     reply = Reply(node, content, 0)
@@ -125,6 +124,7 @@ def test_feddst_averages_each_weight_over_the_clients_that_keep_it(tmp_path):
     gm = GlobalModel({"w": torch.tensor([1.0, 1.0, 0.0, 0.0]), "b": torch.zeros(1)}, start)
     a = _reply(1, start, {"w": torch.tensor([2.0, 0.0, 6.0, 0.0]), "b": torch.tensor([1.0])}, {"w": torch.tensor([True, False, True, False])}, 1)
     b = _reply(2, start, {"w": torch.tensor([4.0, 0.5, 0.0, 0.0]), "b": torch.tensor([4.0])}, start, 3)
+    gm.state = method.aggregate(ctx, gm, [a, b])
     method.after_round(ctx, gm, 1, [a, b])
     # position 0: both keep it (2*1 + 4*3)/4; position 1 only b: 0.5; position 2 only a: 6 (not 6/4)
     assert gm.masks["w"].tolist() == [True, False, True, False]  # top-2 by aggregated magnitude
@@ -148,15 +148,15 @@ def test_feddst_clients_readjust_their_masks_locally_at_constant_counts(tmp_path
     config = tiny_config(tmp_path, "method=feddst")
     ctx = run_context(config, FakeGrid(config), tmp_path)
     method = METHODS.get("feddst")(ctx)
-    method.alpha = 0.2
+    method.settings.alpha = 0.2
     gm = method.prepare(ctx)
     global_masks = {n: m.clone() for n, m in gm.masks.items()}
     extra = method.round_config(ctx, gm, 1)
-    assert extra["dst-fraction"] == pytest.approx(0.2)
-    replies = training_round(ctx, gm, 1, extra)
+    assert extra[p.DST_FRACTION] == pytest.approx(0.2)
+    replies = training_round(ctx, method, gm, 1, extra)
     assert len(replies) == config.fl.clients_per_round  # the shared update check accepts them
     for r in replies:
-        local, _ = local_masks(global_masks, r.decoded, codec.decode_sparse(r.content[p.PAYLOAD][p.TOPK]))
+        local, _ = local_masks(global_masks, r.decoded, codec.decode_sparse(r.content[p.PAYLOAD][p.MASK_CHANGES]))
         assert any(not torch.equal(local[n], global_masks[n]) for n in global_masks)
         assert _counts(local) == _counts(global_masks)
     method.after_round(ctx, gm, 1, replies)
@@ -165,7 +165,7 @@ def test_feddst_clients_readjust_their_masks_locally_at_constant_counts(tmp_path
 
 
 def test_imp_density_decreases_over_rounds_to_the_target(tmp_path):
-    config = tiny_config(tmp_path, "method=imp", "fl.rounds=5", "fedtiny.end_fraction=0.8")
+    config = tiny_config(tmp_path, "method=imp", "fl.rounds=5", "imp.end_fraction=0.8")
     ctx = run_context(config, FakeGrid(config), tmp_path)
     method = METHODS.get("imp")(ctx)
     assert method.schedule == prune_rounds(5, 0.8, 1) == [1, 2, 3, 4]
@@ -180,3 +180,23 @@ def test_imp_density_decreases_over_rounds_to_the_target(tmp_path):
 def test_imp_schedule_spreads_steps_up_to_the_end_fraction():
     assert prune_rounds(30, 0.6, 5) == [6, 12, 18]
     assert prune_rounds(3, 0.1, 5) == [1]
+
+
+def test_the_centralized_ceiling_trains_on_every_clients_data_and_prunes_to_the_exact_density(tmp_path):
+    config = tiny_config(tmp_path, "method=centralized", "fl.rounds=4")
+    out = run(FakeGrid(config), config)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [0]  # no federated rounds
+    _, masks = codec.load(out / "model.ftc")
+    assert _exact(masks)
+    assert metrics["summary"]["accuracy"] > 0.5  # digits, 4 rounds' worth of example passes
+
+
+def test_the_centralized_example_budget_is_the_federated_runs():
+    from types import SimpleNamespace
+
+    from server.methods.centralized import example_passes
+    from shared.config import load_config
+
+    config = load_config(overrides=["fl.rounds=10", "fl.num_clients=20", "fl.clients_per_round=5", "fl.local_epochs=2"])
+    assert example_passes(SimpleNamespace(config=config), 1000) == 10 * 5 * 2 * 1000 // 20

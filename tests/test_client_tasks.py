@@ -42,10 +42,11 @@ def test_train_keeps_pruned_weights_zero_and_sends_only_active_values(setup):
     ctx, _, gm = setup
     node = next(iter(ctx.fleet.partition_of))
     reply = _send(ctx, node, p.TRAIN, train_message(ctx, gm, node, 1, {}, set()))
-    assert check_update(gm, reply) is None
+    update, reason = check_update(gm, reply)
+    assert reason is None
     for name, mask in gm.masks.items():
-        assert torch.all(reply.decoded[name][~mask] == 0)
-        assert not torch.equal(reply.decoded[name][mask], gm.state[name][mask])
+        assert torch.all(update[name][~mask] == 0)
+        assert not torch.equal(update[name][mask], gm.state[name][mask])
     nnz = sum(int(m.sum()) for m in gm.masks.values())
     assert reply.bytes_up < 4 * nnz + 4 * sum(v.numel() for k, v in gm.state.items() if k not in gm.masks) + 2048
 
@@ -54,7 +55,7 @@ def test_train_with_adjustment_returns_top_k_pruned_gradients(setup):
     ctx, _, gm = setup
     node = next(iter(ctx.fleet.partition_of))
     name = list(gm.masks)[-1]
-    reply = _send(ctx, node, p.TRAIN, train_message(ctx, gm, node, 1, {"adjust-names": [name], "adjust-k": [5]}, set()))
+    reply = _send(ctx, node, p.TRAIN, train_message(ctx, gm, node, 1, {p.ADJUST_NAMES: [name], p.ADJUST_K: [5]}, set()))
     sparse = codec.decode_sparse(reply.content[p.PAYLOAD][p.TOPK])
     idx, values, shape = sparse[name]
     assert len(idx) == 5 and tuple(shape) == tuple(gm.masks[name].shape)
@@ -92,7 +93,7 @@ def test_node_receives_masks_once_then_values_only(setup):
     gm.delivered(node)
     second_msg = train_message(ctx, gm, node, 2, {}, set())
     assert len(second_msg[p.PAYLOAD][p.MODEL]) < first
-    assert check_update(gm, _send(ctx, node, p.TRAIN, second_msg)) is None
+    assert check_update(gm, _send(ctx, node, p.TRAIN, second_msg))[1] is None
 
 
 def test_bn_recalibration_and_candidate_evaluation(setup):

@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from server import compare
-from server.cli import main
-from server.compare import Cell
 from shared.config import ConfigError
+from simulations.cli import compare, main
+from simulations.cli.compare import Cell
 
 TINY = "configs/tiny.yaml"
 

@@ -42,7 +42,7 @@ def test_compute_masks_keeps_dense_layers(tiny_model):
 
 
 def test_unknown_score_name_lists_known_names(tiny_model):
-    with pytest.raises(ValueError, match="Unknown score 'fisher'; known: grad, magnitude"):
+    with pytest.raises(ValueError, match="Unknown score .fisher.; known: grad, grasp, magnitude"):
         compute_masks(tiny_model, 0.1, score="fisher")
 
 

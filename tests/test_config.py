@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main as cli_main
 from shared.config import Config, ConfigError, from_flat, load_config, to_flat
+from simulations.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -173,7 +173,7 @@ def test_custom_dataset_tuple_infers_classes_and_normalization(tmp_path: Path, m
         """,
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    bundle = load_dataset("user_dataset_tuple:load", "anything", seed=1)
+    bundle = load_dataset("user_dataset_tuple:load", "anything", seed=1, trusted=["user_dataset_tuple"])
     assert bundle.input_shape == (1, 5, 5)
     assert bundle.num_classes == 5
     assert bundle.mean == pytest.approx((0.5,)) and bundle.std == pytest.approx((0.5,))
@@ -195,7 +195,7 @@ def test_custom_dataset_may_return_a_bundle(tmp_path: Path, monkeypatch: pytest.
         """,
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    bundle = load_dataset("user_dataset_bundle:load")
+    bundle = load_dataset("user_dataset_bundle:load", trusted=["user_dataset_bundle"])
     assert bundle.input_shape == (2, 4, 4) and bundle.num_classes == 2
 
 
@@ -205,7 +205,7 @@ def test_custom_dataset_with_a_wrong_return_type_is_a_value_error(
     write_module(tmp_path, "user_dataset_wrong", "def load():\n    return [1, 2]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="DataBundle or a tuple"):
-        load_dataset("user_dataset_wrong:load")
+        load_dataset("user_dataset_wrong:load", trusted=["user_dataset_wrong"])
 
 
 def test_unknown_dataset_lists_the_known_names() -> None:

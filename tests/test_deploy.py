@@ -12,7 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from server.deploy import (
+from shared.config import ConfigError, load_config
+from simulations.cli.deploy import (
     check_port,
     deploy_local,
     make_node_key,
@@ -21,8 +22,7 @@ from server.deploy import (
     running_superlink,
     running_supernode,
 )
-from server.launch import free_port
-from shared.config import ConfigError, load_config
+from simulations.cli.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_DEPLOY = ["fl.num_clients=2", "fl.clients_per_round=2", "fl.rounds=2", "fedtiny.search_clients=2"]

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from server.cli import main
 from shared import codec, data, export, rundir
 from shared.config import load_config, to_yaml
 from shared.data import DataBundle, batches, load_dataset, to_tensor
-from shared.models import build_model, prunable_parameters
+from shared.models import build_model
+from shared.pruning.params import prunable_names
+from simulations.cli import main
 
 NAME, WIDTH, SHAPE, CLASSES = "cnn", 0.25, (1, 8, 8), 10
 SUFFIX = {"packed": ".ftc", "onnx": ".onnx", "torchscript": ".pt"}
@@ -44,7 +45,7 @@ def sparse_cnn() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     for bn in ("features.1", "features.4", "features.8", "classifier.1"):
         state[f"{bn}.weight"] = torch.rand(state[f"{bn}.weight"].shape, generator=g) + 0.5
         state[f"{bn}.bias"] = torch.randn(state[f"{bn}.bias"].shape, generator=g) * 0.5
-    masks = {n: torch.rand(state[n].shape, generator=g) < 0.7 for n in prunable_parameters(model)}
+    masks = {n: torch.rand(state[n].shape, generator=g) < 0.7 for n in prunable_names(model)}
 
     def dead(layer: str, channel: int, post: float) -> None:
         masks[f"{layer}.weight"][channel] = False
@@ -206,7 +207,7 @@ def test_compaction_of_an_unsupported_architecture_is_one_clear_error() -> None:
 def test_vgg11_compaction_is_exact(test_inputs: torch.Tensor) -> None:
     model = build_model("vgg11", CLASSES, SHAPE, 0.125, seed=0).eval()
     spec = export.ModelSpec("vgg11", CLASSES, SHAPE, 0.125)
-    masks = {n: torch.ones_like(model.get_parameter(n), dtype=torch.bool) for n in prunable_parameters(model)}
+    masks = {n: torch.ones_like(model.get_parameter(n), dtype=torch.bool) for n in prunable_names(model)}
     masks["features.4.weight"][:3] = False  # three dead channels in the second conv
     masks["features.11.weight"][:, 2] = False  # one channel of the third conv unused by the fourth
     with torch.no_grad():

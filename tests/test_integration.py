@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from server.cli import main
 from shared import codec
 from shared.pruning import density
+from simulations.cli import main
 
 pytestmark = pytest.mark.integration
 

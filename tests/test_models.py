@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from shared.models import MODELS, build_model, prunable_blocks, prunable_parameters
+from shared.models import MODELS, build_model, prunable_blocks
+from shared.pruning.params import prunable_names
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 WIDTH = {"cnn": 1.0, "vgg11": 0.25, "resnet18": 0.25}  # small widths keep the big models fast
@@ -41,7 +42,7 @@ def test_every_model_has_batch_norm(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS.names())
 def test_prunable_parameters_are_all_conv_and_linear_weights_input_to_output(name: str) -> None:
     model = build_model(name, 10, (3, 32, 32), width=width_of(name))
-    names = prunable_parameters(model)
+    names = prunable_names(model)
     params = dict(model.named_parameters())
     assert set(names) == conv_linear_weights(model) and len(names) == len(set(names))
     assert params[names[0]].shape[1] == 3  # the first layer reads the input channels
@@ -52,20 +53,20 @@ def test_prunable_parameters_are_all_conv_and_linear_weights_input_to_output(nam
 def test_blocks_partition_the_prunable_names_in_forward_order(name: str) -> None:
     model = build_model(name, 10, (1, 8, 8), width=width_of(name))
     blocks = prunable_blocks(model)
-    assert [n for block in blocks for n in block] == prunable_parameters(model)
+    assert [n for block in blocks for n in block] == prunable_names(model)
     assert all(blocks)
 
 
 def test_cnn_blocks_are_single_layers_and_weights_are_a_few_tens_of_thousands() -> None:
     model = build_model("cnn", 10, (1, 8, 8))
-    names = prunable_parameters(model)
+    names = prunable_names(model)
     assert prunable_blocks(model) == [[n] for n in names]
     assert 20_000 <= sum(model.get_parameter(n).numel() for n in names) <= 100_000
 
 
 def test_cnn_pool_has_the_prunable_weights_of_fedtinys_measured_cnn() -> None:
     model = build_model("cnn-pool", 10, (1, 28, 28))
-    names = prunable_parameters(model)
+    names = prunable_names(model)
     convs = 1 * 32 * 9 + 32 * 64 * 9 + 64 * 128 * 9  # 3x3 kernels, no bias
     linears = (128 * 3 * 3) * 256 + 256 * 10  # 28 -> 14 -> 7 -> 3 after three 2x2 max pools
     assert sum(model.get_parameter(n).numel() for n in names) == convs + linears == 389_920
@@ -81,14 +82,14 @@ def test_cnn_pool_has_five_prunable_layers_three_of_them_conv_and_batch_norm() -
 def test_cnn_pool_runs_on_3x32x32_and_blocks_are_single_layers() -> None:
     model = build_model("cnn-pool", 10, (3, 32, 32))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    names = prunable_parameters(model)
+    names = prunable_names(model)
     assert prunable_blocks(model) == [[n] for n in names]
     assert set(names) == conv_linear_weights(model)
 
 
 def test_cnn_pool_width_scales_channels_and_hidden_layer() -> None:
     model = build_model("cnn-pool", 10, (1, 28, 28), width=0.5)
-    assert [model.get_parameter(n).shape[0] for n in prunable_parameters(model)] == [16, 32, 64, 128, 10]
+    assert [model.get_parameter(n).shape[0] for n in prunable_names(model)] == [16, 32, 64, 128, 10]
 
 
 def test_cnn_pool_rejects_inputs_below_8x8() -> None:
@@ -144,23 +145,23 @@ class ReversedRegistration(nn.Module):
 
 def test_prunable_parameters_follow_forward_order_when_input_shape_is_known() -> None:
     model = ReversedRegistration()
-    assert prunable_parameters(model) == ["head.weight", "body.0.weight"]  # registration order
+    assert prunable_names(model) == ["head.weight", "body.0.weight"]  # registration order
     model.input_shape = (1, 8, 8)
-    assert prunable_parameters(model) == ["body.0.weight", "head.weight"]
+    assert prunable_names(model) == ["body.0.weight", "head.weight"]
     assert prunable_blocks(model) == [["body.0.weight"], ["head.weight"]]
 
 
 def test_forward_order_probe_keeps_training_mode_and_batch_norm_statistics() -> None:
     model = build_model("cnn", 10, (1, 8, 8))
     before = model.features[1].running_mean.clone()
-    prunable_parameters(model)
+    prunable_names(model)
     assert model.training
     assert torch.equal(model.features[1].running_mean, before)
     assert int(model.features[1].num_batches_tracked) == 0
 
 
 def test_default_blocks_group_by_top_level_child(tiny_model: nn.Module) -> None:
-    assert prunable_parameters(tiny_model) == ["features.0.weight", "features.3.weight", "classifier.weight"]
+    assert prunable_names(tiny_model) == ["features.0.weight", "features.3.weight", "classifier.weight"]
     assert prunable_blocks(tiny_model) == [["features.0.weight", "features.3.weight"], ["classifier.weight"]]
 
 
@@ -188,9 +189,9 @@ def test_custom_model_from_module_callable(tmp_path: Path, monkeypatch: pytest.M
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    model = build_model("user_model_mod:build", 4, (1, 8, 8), width=2.0)
+    model = build_model("user_model_mod:build", 4, (1, 8, 8), width=2.0, trusted=["user_model_mod"])
     assert model(torch.randn(3, 1, 8, 8)).shape == (3, 4)
-    assert prunable_parameters(model) == ["0.weight", "4.weight"]
+    assert prunable_names(model) == ["0.weight", "4.weight"]
     assert prunable_blocks(model) == [["0.weight"], ["4.weight"]]
 
 
@@ -198,9 +199,20 @@ def test_custom_model_that_returns_no_module_is_a_value_error(tmp_path: Path, mo
     (tmp_path / "user_model_bad.py").write_text("def build(**kwargs):\n    return 42\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ValueError, match="not a torch.nn.Module"):
-        build_model("user_model_bad:build", 4, (1, 8, 8))
+        build_model("user_model_bad:build", 4, (1, 8, 8), trusted=["user_model_bad"])
 
 
 def test_unknown_model_lists_known_names() -> None:
     with pytest.raises(ValueError, match="cnn, cnn-pool, resnet18, vgg11"):
         build_model("alexnet", 10, (3, 32, 32))
+
+
+def test_one_definition_of_prunable_masks_and_blocks_agree_on_a_transposed_conv() -> None:
+    from shared.pruning import compute_masks
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ConvTranspose2d(4, 4, 3), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    model.input_shape = (1, 8, 8)
+    names = prunable_names(model)
+    assert names == ["0.weight", "1.weight", "3.weight"]
+    assert sorted(n for b in prunable_blocks(model) for n in b) == sorted(names)
+    assert list(compute_masks(model, 0.5)) == names

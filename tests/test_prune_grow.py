@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from shared.pruning.prune_grow import merge_sparse, prune_grow, topk_pruned
+from shared.pruning.prune_grow import RIGL, merge_sparse, topk_pruned
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
 
 #                      0     1     2     3     4     5     6     7
@@ -17,7 +17,7 @@ GRAD = torch.tensor([9.0, 8.0, -0.2, 7.0, 6.0, 0.9, -0.5, 5.0])  # large on acti
 
 
 def swap(k: int):
-    masks, weights = prune_grow({"w": WEIGHT}, {"w": MASK}, {"w": GRAD}, {"w": k})
+    masks, weights = RIGL.update({"w": WEIGHT}, {"w": MASK}, {"w": GRAD}, {"w": k})
     return masks["w"], weights["w"]
 
 
@@ -42,7 +42,7 @@ def test_prune_grow_grows_largest_gradient_pruned_positions():
 def test_prune_grow_starts_grown_weights_at_zero():
     masked_weight = WEIGHT.clone()
     masked_weight[5] = 0.7  # a stale value at a pruned position must not come back
-    masks, weights = prune_grow({"w": masked_weight}, {"w": MASK}, {"w": GRAD}, {"w": 2})
+    masks, weights = RIGL.update({"w": masked_weight}, {"w": MASK}, {"w": GRAD}, {"w": 2})
     assert weights["w"][[5, 6]].tolist() == [0.0, 0.0]
     assert torch.equal(weights["w"][[0, 3, 7]], WEIGHT[[0, 3, 7]])
 
@@ -57,7 +57,7 @@ def test_prune_grow_does_not_regrow_a_just_dropped_weight():
 def test_prune_grow_leaves_inputs_and_other_layers_unchanged():
     weights = {"w": WEIGHT.clone(), "other": torch.ones(3)}
     masks = {"w": MASK.clone(), "other": torch.ones(3, dtype=torch.bool)}
-    new_masks, new_weights = prune_grow(weights, masks, {"w": GRAD}, {"w": 2})
+    new_masks, new_weights = RIGL.update(weights, masks, {"w": GRAD}, {"w": 2})
     assert torch.equal(weights["w"], WEIGHT) and torch.equal(masks["w"], MASK)
     assert torch.equal(new_masks["other"], masks["other"]) and new_masks["other"] is not masks["other"]
     assert torch.equal(new_weights["other"], weights["other"])

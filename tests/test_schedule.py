@@ -39,3 +39,19 @@ def test_gradual_density_rejects_densities_out_of_order_or_range(final, initial)
 def test_gradual_density_rejects_end_before_start():
     with pytest.raises(ValueError, match="end must be >= start"):
         gradual_density(0, 10, 5, 0.1)
+
+
+def test_the_regime_configs_schedule_adjusts_every_block_at_least_twice_before_t_end():
+    import math
+
+    from shared.config import CONFIG_DIR, load_config
+    from shared.models import build_model, prunable_blocks
+    from shared.pruning.schedule import block_for_adjustment, is_adjust_round
+
+    c = load_config(CONFIG_DIR / "fashion-mnist-regime.yaml")
+    blocks = prunable_blocks(build_model(c.model.name, 10, (1, 28, 28)))
+    t_end = math.floor(c.fedtiny.end_fraction * c.fl.rounds)
+    rounds = [t for t in range(1, c.fl.rounds + 1) if is_adjust_round(t, c.fedtiny.adjust_interval, t_end)]
+    visits = [tuple(block_for_adjustment(blocks, step)) for step in range(len(rounds))]
+    assert not c.pruning.keep_first_dense and len(blocks) == 5
+    assert all(visits.count(tuple(b)) >= 2 for b in blocks)

@@ -15,7 +15,7 @@ from server.app import run
 from server.fleet import NotEnoughReplies
 from server.global_model import GlobalModel
 from server.loop import training_round
-from server.methods import METHODS
+from server.methods import METHODS, Method
 from shared import codec, protocol as p
 from shared.pruning import density
 
@@ -69,11 +69,11 @@ def test_progressive_rounds_adjust_one_block_and_keep_density(tmp_path):
     gm = method.prepare(ctx)
     before = {n: m.clone() for n, m in gm.masks.items()}
     extra = method.round_config(ctx, gm, 1)
-    assert extra["adjust-names"] == method.blocks[-1]  # output side first
-    replies = training_round(ctx, gm, 1, extra)
+    assert extra[p.ADJUST_NAMES] == method.blocks[-1]  # output side first
+    replies = training_round(ctx, method, gm, 1, extra)
     method.after_round(ctx, gm, 1, replies)
     changed = [n for n in gm.masks if not torch.equal(gm.masks[n], before[n])]
-    assert changed and set(changed) <= set(extra["adjust-names"])
+    assert changed and set(changed) <= set(extra[p.ADJUST_NAMES])
     assert density(gm.masks) == density(before)
     for n in changed:
         grown = gm.masks[n] & ~before[n]
@@ -93,7 +93,7 @@ def test_round_retries_with_fresh_clients_when_replies_are_missing(tmp_path):
     dead = {1000}
     ctx = run_context(config, FakeGrid(config, drop=lambda n, t: n in dead and t == p.TRAIN), tmp_path)
     gm = GlobalModel(ctx.new_model().state_dict())
-    replies = training_round(ctx, gm, 1, {})
+    replies = training_round(ctx, Method(ctx), gm, 1, {})
     assert len(replies) == 2 and 1000 not in {r.node_id for r in replies}
 
 
@@ -101,7 +101,7 @@ def test_round_gives_up_instead_of_waiting_forever(tmp_path):
     config = tiny_config(tmp_path)
     ctx = run_context(config, FakeGrid(config, drop=lambda n, t: t == p.TRAIN), tmp_path)
     with pytest.raises(NotEnoughReplies, match="fl.min_replies"):
-        training_round(ctx, GlobalModel(ctx.new_model().state_dict()), 1, {})
+        training_round(ctx, Method(ctx), GlobalModel(ctx.new_model().state_dict()), 1, {})
 
 
 def test_whole_run_is_deterministic_and_writes_outputs(tmp_path):
@@ -144,3 +144,11 @@ def test_a_run_with_faults_is_the_same_whatever_ids_the_nodes_got(tmp_path):
                         [grid.nodes[n] for n in trained]))
     assert results[0][1] > 0
     assert results[0] == results[1]
+
+
+def test_eval_every_skips_central_evaluation_but_never_the_last_round(tmp_path):
+    config = tiny_config(tmp_path, "fl.rounds=5", "fl.eval_every=2", "method=synflow")
+    out = run(FakeGrid(config), config)
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds if r["accuracy"] is not None] == [0, 2, 4, 5]
+    assert json.loads((out / "metrics.json").read_text())["summary"]["accuracy"] == rounds[-1]["accuracy"]

@@ -4,9 +4,9 @@ McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentra
 Data", AISTATS 2017, https://arxiv.org/abs/1602.05629
 """
 
-from server.methods.base import METHODS, Method
+from server.methods.base import Method, register
 
 
-@METHODS.register("fedavg")
+@register("fedavg")
 class FedAvg(Method):
     """No masks: every client trains and sends the whole model."""

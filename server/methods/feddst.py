@@ -4,26 +4,29 @@ Bibikar et al., "Federated Dynamic Sparse Training: Computing Less, Communicatin
 Learning Better", AAAI 2022, https://arxiv.org/abs/2112.09824. Here:
 - start: ERK layer densities at `pruning.density`, magnitude within each layer (the
   authors' code prunes the initial model by magnitude with ERK counts);
-- readjustment rounds t = 1, 1 + `INTERVAL`, ... (the authors' rule (t - 1) % 15 == 0): each
+- readjustment rounds t = 1, 1 + `feddst.interval`, ... (the authors' rule (t - 1) % 15 == 0): each
   client drops the ceil(alpha_t x nnz_l) smallest-magnitude kept weights of every sparse
-  layer and grows as many pruned positions of largest |dL/dw| on `fedtiny.score_batches`
-  local batches (new weights start at zero), alpha_t = `ALPHA`/2 x (1 + cos(pi (t-1) / T)),
+  layer and grows as many pruned positions of largest |dL/dw| on `feddst.batches`
+  local batches (new weights start at zero), alpha_t = `feddst.alpha`/2 x (1 + cos(pi (t-1) / T)),
   T = rounds // 2; it readjusts before its local epochs rather than after them as the
   authors' code does, so grown weights are trained before upload instead of arriving as
   zeros that the server's magnitude step would always discard;
 - the client uploads its weights at the global kept positions (so the shared update check
   holds: a locally dropped weight reads 0 there) plus its mask changes as sparse (index, value)
-  pairs under ``topk``: a flip at a kept position is a drop, at a pruned position a grow with
+  pairs under ``mask-changes``: a flip at a kept position is a drop, at a pruned position a grow with
   its trained value; O(changes) extra bytes instead of a whole mask. FedDST checks them on its
   own (`local_masks`), then averages each position over the clients that keep it
   (`server.aggregate.mask_weighted_average`, sample-weighted) and re-derives the global mask:
   per layer, the top nnz_l aggregated weights by magnitude, so layer counts and the density
   stay exact.
 Other rounds are masked FedAvg. Client config keys: ``dst-fraction`` (alpha_t) and
-``dst-batches`` (batches for the growth gradient), plus the shared training keys.
+``dst-batches`` (batches for the growth gradient), plus the shared training keys; settings
+`feddst.alpha`, `feddst.interval`, `feddst.batches`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -31,14 +34,71 @@ from server.aggregate import mask_weighted_average
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
-from server.methods.base import METHODS, Method
+from server.methods.base import ClientHalf, Method, TrainJob, register
 from shared import codec, protocol as p
 from shared.pruning import keep_top
-from shared.pruning.schedule import cosine_fraction
+from shared.pruning.prune_grow import RIGL
+from shared.pruning.schedule import adjust_counts, cosine_fraction
+from shared.training import TrainResult, local_scores
 
 Tensors = dict[str, torch.Tensor]
-ALPHA = 0.01  # readjustment ratio
-INTERVAL = 15  # rounds between readjustments
+
+
+@dataclass
+class FedDSTSettings:
+    alpha: float = 0.01  # readjustment ratio (cosine-decayed)
+    interval: int = 15  # rounds between readjustments
+    batches: int = 2  # local batches for the growth gradient
+
+    def validate(self, c, check) -> None:
+        check(0.0 <= self.alpha <= 1.0, "feddst.alpha", "must be in [0, 1]")
+        check(self.interval >= 1, "feddst.interval", "must be >= 1")
+        check(self.batches >= 1, "feddst.batches", "must be >= 1")
+
+
+def readjust_masks(model: torch.nn.Module, masks: Tensors, batches: list, fraction: float, seed: int) -> Tensors:
+    """FedDST's local readjustment (RigL-style, arXiv 2112.09824 / 1911.11134): in every sparse layer
+    drop the ceil(fraction x nnz) smallest-|w| kept weights and grow as many pruned positions of
+    largest |dL/dw| on `batches`; grown weights start at zero, so each layer keeps its count."""
+    names = [n for n, m in masks.items() if not bool(m.all())]
+    if not names:
+        return masks
+    grads = local_scores(model, "grad", batches, seed, names)
+    params = dict(model.named_parameters())
+    new_masks, new_weights = RIGL.update(
+        {n: params[n].detach() for n in names}, {n: masks[n] for n in names}, grads, adjust_counts(masks, names, fraction)
+    )
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(new_weights[n])
+    return {**masks, **new_masks}
+
+
+def mask_changes(old: Tensors, new: Tensors, state: Tensors) -> dict:
+    """Per changed layer, (flat indices where the mask flipped, values there, shape): a drop has value
+    0, a grow its trained value. With the update's values at `old` kept positions this is the whole
+    sparse model in O(changes) extra bytes, and `old` XOR indices gives the new mask."""
+    out = {}
+    for n, m in old.items():
+        idx = (m ^ new[n]).reshape(-1).nonzero().squeeze(1)
+        if idx.numel():
+            out[n] = (idx, state[n].reshape(-1)[idx].float(), tuple(m.shape))
+    return out
+
+
+class FedDSTClient(ClientHalf):
+    """Readjust the masks locally before training; send the mask changes beside the update."""
+
+    def before_training(self, job: TrainJob) -> None:
+        fraction = float(job.config.get(p.DST_FRACTION, 0.0))
+        if fraction > 0 and job.masks:
+            grow_batches = list(job.batches(0))[: int(job.config[p.DST_BATCHES])]
+            job.local_masks = readjust_masks(job.model, job.masks, grow_batches, fraction, job.seed)
+
+    def after_training(self, job: TrainJob, result: TrainResult) -> dict[str, bytes]:
+        if job.local_masks is job.masks:
+            return {}
+        return {p.MASK_CHANGES: codec.encode_sparse(mask_changes(job.masks, job.local_masks, job.model.state_dict()))}
 
 
 def local_masks(global_masks: Tensors, state: Tensors, changes: dict) -> tuple[Tensors, Tensors] | str:
@@ -76,50 +136,62 @@ def global_masks_from(state: Tensors, client_masks: list[Tensors], counts: dict[
     return out
 
 
-@METHODS.register("feddst")
+@register("feddst")
 class FedDST(Method):
-    alpha = ALPHA
-    interval = INTERVAL
+    Settings = FedDSTSettings
+    client = FedDSTClient()
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.readjusting = False
+        self.client_masks: list[Tensors] = []
         self.t_end = max(1, ctx.config.fl.rounds // 2)
 
     def prepare(self, ctx: RunContext) -> GlobalModel:
         return self.pruned_at_start(ctx, "magnitude", "erk")
 
     def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
-        fraction = cosine_fraction(self.alpha, t - 1, self.t_end)
-        self.readjusting = bool(gm.masks) and (t - 1) % self.interval == 0 and fraction > 0
+        s = self.settings
+        fraction = cosine_fraction(s.alpha, t - 1, self.t_end)
+        self.readjusting = bool(gm.masks) and (t - 1) % s.interval == 0 and fraction > 0
         if not self.readjusting:
             return {}
-        return {"dst-fraction": fraction, "dst-batches": ctx.config.fedtiny.score_batches}
+        return {p.DST_FRACTION: fraction, p.DST_BATCHES: s.batches}
 
-    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+    def aggregate(self, ctx: RunContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
+        """In readjustment rounds, each position averaged over the clients that keep it (mask-weighted)."""
+        self.client_masks = []
         if not self.readjusting:
-            return
-        states, masks, weights = [], [], []
+            return super().aggregate(ctx, gm, replies)
+        states, weights = [], []
         for r in replies:
-            blob = r.content[p.PAYLOAD].get(p.TOPK)
-            try:
-                changes = codec.decode_sparse(blob) if blob is not None else {}
-            except ValueError as exc:
-                changes = f"undecodable mask changes ({exc})"
-            got = changes if isinstance(changes, str) else local_masks(gm.masks, r.decoded, changes)
+            got = check_mask_changes(r, gm)
             if isinstance(got, str):
                 ctx.recorder.note(f"feddst: node {r.node_id} mask changes ignored: {got}")
                 continue
-            masks.append(got[0])
+            self.client_masks.append(got[0])
             states.append(got[1])
-            weights.append(int(r.content[p.METRICS][p.NUM_EXAMPLES]))
+            weights.append(r.num_examples)
         if not states:
+            return super().aggregate(ctx, gm, replies)
+        return mask_weighted_average(states, self.client_masks, weights)
+
+    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+        if not self.client_masks:
             return
-        state = mask_weighted_average(states, masks, weights)
         counts = {n: int(m.sum()) for n, m in gm.masks.items()}
-        gm.state = state
-        changed = gm.set_masks(global_masks_from(state, masks, counts))
+        changed = gm.set_masks(global_masks_from(gm.state, self.client_masks, counts))
         ctx.recorder.note(f"feddst: round {t} readjusted, {len(changed)} layers changed their global mask")
 
     def phase(self, t: int) -> str:
         return "adjust" if self.readjusting else "train"
+
+
+def check_mask_changes(reply: Reply, gm: GlobalModel) -> tuple[Tensors, Tensors] | str:
+    """A client's masks and sparse state from its update and mask changes, or why they are unusable."""
+    blob = reply.content[p.PAYLOAD].get(p.MASK_CHANGES)
+    try:
+        changes = codec.decode_sparse(blob) if blob is not None else {}
+    except ValueError as exc:
+        return f"undecodable mask changes ({exc})"
+    return local_masks(gm.masks, reply.decoded, changes)

@@ -8,12 +8,14 @@ one block of layers (output side first, cycling inwards) is adjusted: clients se
 only the top-k_l gradients of that block's pruned positions, k_l = ceil(alpha_t x nnz_l)
 with alpha_t cosine-decayed over rounds; the server merges them, drops the k_l
 smallest active weights and grows the k_l largest merged gradients (new weights 0).
-Client config keys: ``adjust-names`` (list of layer names), ``adjust-k`` (list of k_l).
+Client config keys: ``adjust-names`` (list of layer names), ``adjust-k`` (list of k_l); the
+client half returns the top-k gradients under payload ``topk``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,19 +23,67 @@ from server import policy_search
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
-from server.methods.base import METHODS, Method
+from server.methods.base import ClientHalf, Method, TrainJob, register
 from shared import codec, protocol as p
-from shared.pruning.prune_grow import merge_sparse, prune_grow
+from shared.config import resolve
+from shared.pruning import ALLOCATIONS, SCORES
+from shared.pruning.prune_grow import RIGL, merge_sparse
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
+from shared.training import TrainResult
 
 
-@METHODS.register("fedtiny")
+@dataclass
+class FedTinySettings:
+    FLEET_BOUND = ("search_clients",)  # at most fl.num_clients unless set (shared.config)
+    abns: bool = True  # adaptive batch-norm selection among candidates (False: first candidate)
+    progressive: bool = True  # progressive layer-wise prune/grow after selection
+    allocations: list[str] = field(default_factory=lambda: ["uniform-noise", "global", "erk", "lamp"])
+    scores: list[str] = field(default_factory=lambda: ["magnitude", "synflow"])
+    search_clients: int = 10  # clients sampled for BN recalibration and candidate evaluation
+    score_batches: int = 2  # local batches for client-computed scores (SNIP)
+    adjust_interval: int = 5  # dT: rounds between block adjustments
+    alpha: float = 0.2  # initial prune/grow fraction (cosine-decayed)
+    end_fraction: float = 0.6  # T_end = end_fraction * rounds
+
+    def validate(self, c, check) -> None:
+        check(len(self.allocations) > 0, "fedtiny.allocations", "must name at least one allocation")
+        check(len(self.scores) > 0, "fedtiny.scores", "must name at least one score")
+        check(1 <= self.search_clients <= c.fl.num_clients, "fedtiny.search_clients", "must be in [1, fl.num_clients]")
+        check(self.score_batches >= 1, "fedtiny.score_batches", "must be >= 1")
+        check(self.adjust_interval >= 1, "fedtiny.adjust_interval", "must be >= 1")
+        check(0.0 <= self.alpha <= 1.0, "fedtiny.alpha", "must be in [0, 1]")
+        check(0.0 <= self.end_fraction <= 1.0, "fedtiny.end_fraction", "must be in [0, 1]")
+        for name in self.allocations:
+            resolve(ALLOCATIONS, name, "fedtiny.allocations", c)
+        for name in self.scores:
+            resolve(SCORES, name, "fedtiny.scores", c)
+
+
+class FedTinyClient(ClientHalf):
+    """Top-k gradients of the adjusted block's pruned positions, summed over the last local epoch."""
+
+    def grad_layers(self, job: TrainJob) -> dict[str, int] | None:
+        names = list(job.config.get(p.ADJUST_NAMES, []))
+        return dict(zip(names, (int(k) for k in job.config.get(p.ADJUST_K, [])), strict=True)) or None
+
+    def after_training(self, job: TrainJob, result: TrainResult) -> dict[str, bytes]:
+        if not result.topk:
+            return {}
+        params = dict(job.model.named_parameters())
+        parts = {n: (idx, val, tuple(params[n].shape)) for n, (idx, val) in result.topk.items()}
+        return {p.TOPK: codec.encode_sparse(parts)}
+
+
+@register("fedtiny")
 class FedTiny(Method):
+    Settings = FedTinySettings
+    client = FedTinyClient()
+
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.adjustments = 0
         self.pending: dict[str, int] = {}
-        self.t_end = math.floor(ctx.config.fedtiny.end_fraction * ctx.config.fl.rounds)
+        self.t_end = math.floor(self.settings.end_fraction * ctx.config.fl.rounds)
 
     def prepare(self, ctx: RunContext) -> GlobalModel:
         model = self.initial_model(ctx)
@@ -48,7 +98,7 @@ class FedTiny(Method):
 
     def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
         self.pending = {}
-        c = ctx.config.fedtiny
+        c = self.settings
         if not (c.progressive and gm.masks and is_adjust_round(t, c.adjust_interval, self.t_end)):
             return {}
         block = block_for_adjustment(self.blocks, self.adjustments)
@@ -56,7 +106,7 @@ class FedTiny(Method):
         self.pending = {n: k for n, k in counts.items() if k > 0}
         if not self.pending:
             return {}
-        return {"adjust-names": list(self.pending), "adjust-k": list(self.pending.values())}
+        return {p.ADJUST_NAMES: list(self.pending), p.ADJUST_K: list(self.pending.values())}
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not self.pending:
@@ -75,7 +125,7 @@ class FedTiny(Method):
             return
         grads = {n: merge_sparse(parts[n], gm.state[n].shape, senders) for n in self.pending}
         weights = {n: gm.state[n] for n in self.pending}
-        masks, new_weights = prune_grow(weights, {n: gm.masks[n] for n in self.pending}, grads, self.pending)
+        masks, new_weights = RIGL.update(weights, {n: gm.masks[n] for n in self.pending}, grads, self.pending)
         gm.state.update(new_weights)
         gm.set_masks({**gm.masks, **masks})
         self.adjustments += 1

@@ -3,8 +3,8 @@
 Li et al., "LotteryFL: Personalized and Communication-Efficient Federated Learning with Lottery
 Ticket Hypothesis on Non-IID Datasets", https://arxiv.org/abs/2008.03371, after Frankle &
 Carbin, "The Lottery Ticket Hypothesis", https://arxiv.org/abs/1803.03635. Training starts
-dense; after rounds t_1 < ... < t_K, evenly spread up to T = `fedtiny.end_fraction` x rounds
-(K = T // `fedtiny.adjust_interval`, at least 1, so IMP prunes on FedTiny's timeline), the
+dense; after rounds t_1 < ... < t_K, evenly spread up to T = `imp.end_fraction` x rounds
+(K = T // `imp.interval`, at least 1; the defaults are FedTiny's timeline), the
 server prunes the global model by global magnitude to density d^(k/K) (a constant fraction
 per step, as IMP), each step pruning only weights still kept; the rounds after T fine-tune
 at exactly the target d = `pruning.density`. Weights are not rewound: LotteryFL's rewinding
@@ -16,14 +16,25 @@ Client config keys: only the shared training keys (``round``, ``seed``, ``epochs
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
-from server.methods.base import METHODS, Method
+from server.methods.base import Method, register
 from shared.pruning import full_masks, masks_from_scores
+
+
+@dataclass
+class IMPSettings:
+    end_fraction: float = 0.6  # T: the last pruning step is at end_fraction x rounds
+    interval: int = 5  # about this many rounds between pruning steps
+
+    def validate(self, c, check) -> None:
+        check(0.0 <= self.end_fraction <= 1.0, "imp.end_fraction", "must be in [0, 1]")
+        check(self.interval >= 1, "imp.interval", "must be >= 1")
 
 
 def prune_rounds(rounds: int, end_fraction: float, interval: int) -> list[int]:
@@ -38,12 +49,14 @@ def step_density(target: float, step: int, steps: int) -> float:
     return target ** (step / steps)
 
 
-@METHODS.register("imp")
+@register("imp")
 class IMP(Method):
+    Settings = IMPSettings
+
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        c = ctx.config
-        self.schedule = prune_rounds(c.fl.rounds, c.fedtiny.end_fraction, c.fedtiny.adjust_interval)
+        s = self.settings
+        self.schedule = prune_rounds(ctx.config.fl.rounds, s.end_fraction, s.interval)
         self.pruned = False
 
     def prepare(self, ctx: RunContext) -> GlobalModel:

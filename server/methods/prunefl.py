@@ -7,56 +7,88 @@ sum_{j kept} g_j^2 per unit of time, from squared gradients that clients accumul
 their local iterations. Here:
 - start: global magnitude pruning of the (warmed-up) starting model at `pruning.density`
   (the server's small labelled warm-up set stands in for PruneFL's initial client);
-- every `INTERVAL` rounds (never on the last round, whose new weights could not train),
+- every `prunefl.interval` rounds (never on the last round, whose new weights could not train),
   sampled clients also return the per-batch mean of squared gradients of every prunable
   weight, pruned positions included (a dense upload, as in the paper), and the server
   averages them weighted by sample counts;
 - within each layer, the server swaps the lowest-importance kept weights for the
   highest-importance pruned ones while that raises the kept importance, at most
-  ceil(f_j x nnz_l) swaps with f_j = `MAX_CHANGE` x 0.5^j at the j-th re-masking (the decaying
+  ceil(f_j x nnz_l) swaps with f_j = `prunefl.max_change` x 0.5^j at the j-th re-masking (the decaying
   change budget of the FedDST authors' PruneFL implementation). Our time model is the same
   per weight, so the paper's ratio of importance to time reduces to importance, and layer
   counts stay fixed so that no layer can be emptied. Grown weights start at zero.
-Client config keys: ``sq-grads`` (bool: also send squared gradients, payload ``scores``),
+Client config keys: ``sq-grads`` (bool: also send squared gradients, payload ``sq-grads``),
 plus the shared training keys.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
-from server.methods.base import METHODS, Method
+from server.methods.base import ClientHalf, Method, TrainJob, register
 from shared import codec, protocol as p
 from shared.pruning import average_scores, compute_masks
+from shared.pruning.prune_grow import DropGrow
+from shared.pruning.scores import accumulate_gradients
+from shared.training import TrainResult
 
 Tensors = dict[str, torch.Tensor]
-INTERVAL = 5  # rounds between re-maskings (FedTiny's default adjustment interval, for equal budgets)
-MAX_CHANGE = 0.3  # fraction of a layer's kept weights that the first re-masking may swap
 
 
-def remask(mask: torch.Tensor, importance: torch.Tensor, max_swaps: int) -> torch.Tensor:
-    """Swap kept weights of lowest importance for pruned ones of highest importance, pair by pair,
-    while the pruned one is strictly more important, at most `max_swaps` times; count is kept."""
-    flat_mask, flat = mask.reshape(-1), importance.reshape(-1).double()
-    kept, pruned = flat_mask.nonzero().squeeze(1), (~flat_mask).nonzero().squeeze(1)
-    k = min(max_swaps, kept.numel(), pruned.numel())
-    drop = kept[torch.sort(flat[kept], stable=True).indices[:k]]
-    grow = pruned[torch.sort(flat[pruned], descending=True, stable=True).indices[:k]]
-    gain = flat[grow] > flat[drop]  # both sorted, so gains form a prefix
-    out = flat_mask.clone()
-    out[drop[gain]] = False
-    out[grow[gain]] = True
-    return out.reshape(mask.shape)
+@dataclass
+class PruneFLSettings:
+    interval: int = 5  # rounds between re-maskings (FedTiny's default adjustment interval, for equal budgets)
+    max_change: float = 0.3  # fraction of a layer's kept weights that the first re-masking may swap
+
+    def validate(self, c, check) -> None:
+        check(self.interval >= 1, "prunefl.interval", "must be >= 1")
+        check(0.0 <= self.max_change <= 1.0, "prunefl.max_change", "must be in [0, 1]")
 
 
-@METHODS.register("prunefl")
+class Remask(DropGrow):
+    """PruneFL's swap: kept weights of lowest importance for pruned ones of highest importance,
+    pair by pair, while the pruned one is strictly more important (gains form a prefix)."""
+
+    def drop_scores(self, weight: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        return importance
+
+    def grow_scores(self, weight: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
+        return importance
+
+    def accept(self, dropped: torch.Tensor, grown: torch.Tensor) -> torch.Tensor:
+        return grown > dropped
+
+
+REMASK = Remask()
+
+
+def squared_gradients(model: torch.nn.Module, names: list[str], batches) -> Tensors:
+    """PruneFL's importance (arXiv 1909.12326): per-batch mean of (dL/dw)^2 over `batches`, dense,
+    pruned positions included."""
+    sums, count = accumulate_gradients(model, names, batches, square=True)
+    return {n: t / max(1, count) for n, t in zip(names, sums)}
+
+
+class PruneFLClient(ClientHalf):
+    """When asked, squared gradients of every prunable weight over the last local epoch's batches."""
+
+    def after_training(self, job: TrainJob, result: TrainResult) -> dict[str, bytes]:
+        if not (job.config.get(p.SEND_SQ_GRADS, False) and job.masks):
+            return {}
+        last_epoch = job.batches(int(job.config[p.EPOCHS]) - 1)
+        return {p.SQ_GRADS: codec.encode(squared_gradients(job.model, list(job.masks), last_epoch))}
+
+
+@register("prunefl")
 class PruneFL(Method):
-    interval = INTERVAL
+    Settings = PruneFLSettings
+    client = PruneFLClient()
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
@@ -73,23 +105,22 @@ class PruneFL(Method):
         return GlobalModel(model.state_dict(), masks)
 
     def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
-        self.asked = bool(gm.masks) and t % self.interval == 0 and t < ctx.config.fl.rounds
-        return {"sq-grads": True} if self.asked else {}
+        self.asked = bool(gm.masks) and t % self.settings.interval == 0 and t < ctx.config.fl.rounds
+        return {p.SEND_SQ_GRADS: True} if self.asked else {}
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not self.asked:
             return
-        parts = [(r, r.content[p.PAYLOAD].get(p.SCORE_TENSORS)) for r in replies]
+        parts = [(r, r.content[p.PAYLOAD].get(p.SQ_GRADS)) for r in replies]
         parts = [(r, blob) for r, blob in parts if blob is not None]
         if not parts:
             return
         scores = [codec.decode(blob)[0] for _, blob in parts]
-        importance = average_scores(scores, [int(r.content[p.METRICS][p.NUM_EXAMPLES]) for r, _ in parts])
-        fraction = MAX_CHANGE * 0.5**self.remaskings
-        new = {
-            n: m if n in self.dense else remask(m, importance[n], math.ceil(fraction * int(m.sum())))
-            for n, m in gm.masks.items()
-        }
+        importance = average_scores(scores, [r.num_examples for r, _ in parts])
+        fraction = self.settings.max_change * 0.5**self.remaskings
+        sparse = [n for n in gm.masks if n not in self.dense]
+        counts = {n: math.ceil(fraction * int(gm.masks[n].sum())) for n in sparse}
+        new, _ = REMASK.update(gm.state, gm.masks, importance, counts)
         changed = gm.set_masks(new)
         self.remaskings += 1
         ctx.recorder.note(f"prunefl: round {t} re-masked {len(changed)} layers from squared gradients")

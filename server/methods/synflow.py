@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from server.context import RunContext
 from server.global_model import GlobalModel
-from server.methods.base import METHODS, Method
+from server.methods.base import Method, register
 
 
-@METHODS.register("synflow")
+@register("synflow")
 class SynFlow(Method):
     def prepare(self, ctx: RunContext) -> GlobalModel:
         gm = self.pruned_at_start(ctx, "synflow", "global")

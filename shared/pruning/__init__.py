@@ -42,9 +42,13 @@ def masks_from_scores(
     allocation: str = "global",
     seed: int = 0,
     keep_dense: Collection[str] = (),
+    trusted: Collection[str] = (),
 ) -> dict[str, Tensor]:
-    """Masks at exactly round(density * total) kept weights from `scores` (e.g. averaged over clients)."""
-    return ALLOCATIONS.get(allocation)(dict(scores), density, seed=seed, keep_dense=tuple(keep_dense))
+    """Masks at exactly round(density * total) kept weights from `scores` (e.g. averaged over clients).
+
+    `allocation` is an ALLOCATIONS name or `package.module:fn` from a `trusted` package.
+    """
+    return ALLOCATIONS.get(allocation, trusted)(dict(scores), density, seed=seed, keep_dense=tuple(keep_dense))
 
 
 def compute_masks(
@@ -56,6 +60,7 @@ def compute_masks(
     seed: int = 0,
     keep_dense: Collection[str] = (),
     synflow_iterations: int = SYNFLOW_ITERATIONS,
+    trusted: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """Masks for the prunable weights of `model` at `density` (exact up to rounding to one weight).
 
@@ -63,14 +68,15 @@ def compute_masks(
     without any data by iteratively conserving synaptic flow", arXiv 2006.05467: over
     `synflow_iterations` steps the density follows density ** (i / iterations), and each step
     re-scores the masked model (already pruned weights rank last, so masks only shrink). The
-    model itself is never changed.
+    model itself is never changed. `score` and `allocation` are registered names or
+    `package.module:fn` from a `trusted` package.
     """
-    score_fn = SCORES.get(score)
-    ALLOCATIONS.get(allocation)
+    score_fn = SCORES.get(score, trusted)
+    ALLOCATIONS.get(allocation, trusted)
     names = prunable_names(model)
     if score != "synflow":
         scores = score_fn(model, names, batches=batches, seed=seed)
-        return masks_from_scores(scores, density, allocation, seed, keep_dense)
+        return masks_from_scores(scores, density, allocation, seed, keep_dense, trusted)
     if synflow_iterations < 1:
         raise ValueError(f"synflow_iterations must be >= 1, got {synflow_iterations}")
     shape = input_shape(model, batches)

@@ -15,28 +15,16 @@ from typing import Callable, Collection, Mapping
 import torch
 from torch import Tensor
 
+from shared.pruning.topk import keep_top
 from shared.registry import Registry
 
 Masks = dict[str, Tensor]
 AllocationFn = Callable[..., Masks]
 
-ALLOCATIONS: Registry[AllocationFn] = Registry("allocation")
+ALLOCATIONS: Registry[AllocationFn] = Registry("allocation", allow_import=True)
 
 NOISE_TOLERANCE = 0.02  # uniform-noise: redraw until the overall density is within 2% (relative)
 NOISE_MAX_DRAWS = 1000
-
-
-def keep_top(scores: Tensor, k: int) -> Tensor:
-    """Bool mask (shaped like `scores`) keeping the `k` highest scores; ties: lower flat index first."""
-    n = scores.numel()
-    if not 0 <= k <= n:
-        raise ValueError(f"cannot keep {k} of {n} entries")
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN")
-    order = torch.sort(scores.detach().reshape(-1), descending=True, stable=True).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
-    mask[order[:k]] = True
-    return mask.reshape(scores.shape)
 
 
 def budget(scores: Mapping[str, Tensor], density: float, keep_dense: Collection[str] = ()) -> tuple[int, int]:

@@ -13,55 +13,74 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+
+from shared.pruning.topk import top_indices
+
 Masks = dict[str, Tensor]
 
 
-def _top_indices(scores: Tensor, k: int) -> Tensor:
-    """Flat indices of the k highest scores, ties: lower index first."""
-    return torch.sort(scores.reshape(-1), descending=True, stable=True).indices[:k]
+class DropGrow:
+    """Prune-and-grow of a layer at a fixed count: drop the k kept positions of lowest drop score,
+    grow the k pruned positions of highest grow score; dropped and grown weights are exactly 0.
 
-
-def prune_grow_layer(weight: Tensor, mask: Tensor, grad: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Drop the k smallest-|w| active weights, grow the k pruned positions with largest |grad|.
-
-    Only positions pruned before this step can grow; if fewer than k exist (or fewer than k are
-    active), fewer are swapped. Dropped and grown weights are exactly 0. Returns new tensors.
+    The template of google-research/rigl's updaters: a method only overrides how the scores are
+    computed (and, optionally, which drop/grow pairs it accepts). RigL and FedTiny drop by |w|
+    and grow by |grad|; PruneFL scores both by its importance and swaps only when that gains.
+    Ties: lower flat index first. Only positions pruned before the step can grow; if fewer than
+    k are pruned (or kept), fewer are swapped.
     """
-    if k < 0:
-        raise ValueError(f"prune/grow count must be >= 0, got {k}")
-    if not weight.shape == mask.shape == grad.shape:
-        shapes = f"weight {tuple(weight.shape)}, mask {tuple(mask.shape)}, grad {tuple(grad.shape)}"
-        raise ValueError(f"shapes differ: {shapes}")
-    mask = mask.bool()
-    active = int(mask.sum())
-    k = min(k, active, mask.numel() - active)
-    flat_mask = mask.reshape(-1)
-    inf = torch.tensor(torch.inf, dtype=torch.float64, device=weight.device)
-    drop = _top_indices(torch.where(flat_mask, -weight.detach().reshape(-1).abs().double(), -inf), k)
-    grow = _top_indices(torch.where(flat_mask, -inf, grad.detach().reshape(-1).abs().double()), k)
-    new_mask = flat_mask.clone()
-    new_mask[drop] = False
-    new_mask[grow] = True
-    survivors = (flat_mask & new_mask).reshape(weight.shape)
-    new_weight = torch.where(survivors, weight.detach(), torch.zeros_like(weight))
-    return new_mask.reshape(mask.shape), new_weight
+
+    def drop_scores(self, weight: Tensor, grad: Tensor) -> Tensor:
+        return weight.detach().abs()
+
+    def grow_scores(self, weight: Tensor, grad: Tensor) -> Tensor:
+        return grad.detach().abs()
+
+    def accept(self, dropped: Tensor, grown: Tensor) -> Tensor:
+        """Which of the k (drop, grow) pairs, lowest drop and highest grow score first, are swapped."""
+        return torch.ones_like(dropped, dtype=torch.bool)
+
+    def update_layer(self, weight: Tensor, mask: Tensor, grad: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(new mask, new weight) of one layer after at most k swaps; inputs are untouched."""
+        if k < 0:
+            raise ValueError(f"prune/grow count must be >= 0, got {k}")
+        if not weight.shape == mask.shape == grad.shape:
+            shapes = f"weight {tuple(weight.shape)}, mask {tuple(mask.shape)}, grad {tuple(grad.shape)}"
+            raise ValueError(f"shapes differ: {shapes}")
+        flat_mask = mask.bool().reshape(-1)
+        active = int(flat_mask.sum())
+        k = min(k, active, flat_mask.numel() - active)
+        inf = torch.tensor(torch.inf, dtype=torch.float64, device=weight.device)
+        drop_score = -self.drop_scores(weight, grad).reshape(-1).double()
+        grow_score = self.grow_scores(weight, grad).reshape(-1).double()
+        drop = top_indices(torch.where(flat_mask, drop_score, -inf), k)
+        grow = top_indices(torch.where(flat_mask, -inf, grow_score), k)
+        keep = self.accept(-drop_score[drop], grow_score[grow])
+        drop, grow = drop[keep], grow[keep]
+        new_mask = flat_mask.clone()
+        new_mask[drop] = False
+        new_mask[grow] = True
+        survivors = (flat_mask & new_mask).reshape(weight.shape)
+        return new_mask.reshape(mask.shape), torch.where(survivors, weight.detach(), torch.zeros_like(weight))
+
+    def update(
+        self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], grads: Mapping[str, Tensor], counts: Mapping[str, int]
+    ) -> tuple[Masks, dict[str, Tensor]]:
+        """Update the layers named in `counts` (k_l swaps each); other entries are copied.
+
+        Returns (new masks, new weights) with the keys of `masks` and `weights`; inputs are untouched.
+        """
+        missing = [n for n in counts if n not in masks or n not in weights or n not in grads]
+        if missing:
+            raise ValueError(f"prune/grow: layers {missing} need a weight, a mask and a gradient")
+        new_masks = {n: m.clone() for n, m in masks.items()}
+        new_weights = {n: w.clone() for n, w in weights.items()}
+        for n, k in counts.items():
+            new_masks[n], new_weights[n] = self.update_layer(weights[n], masks[n], grads[n], int(k))
+        return new_masks, new_weights
 
 
-def prune_grow(
-    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], grads: Mapping[str, Tensor], counts: Mapping[str, int]
-) -> tuple[Masks, dict[str, Tensor]]:
-    """RigL-style update of the layers named in `counts` (k_l swaps each); other entries are copied.
-
-    Returns (new masks, new weights) with the keys of `masks` and `weights`; inputs are untouched.
-    """
-    missing = [n for n in counts if n not in masks or n not in weights or n not in grads]
-    if missing:
-        raise ValueError(f"prune_grow: layers {missing} need a weight, a mask and a gradient")
-    new_masks = {n: m.clone() for n, m in masks.items()}
-    new_weights = {n: w.clone() for n, w in weights.items()}
-    for n, k in counts.items():
-        new_masks[n], new_weights[n] = prune_grow_layer(weights[n], masks[n], grads[n], int(k))
-    return new_masks, new_weights
+RIGL = DropGrow()  # drop by |w|, grow by |grad|: RigL, FedTiny's server step, FedDST's client step
 
 
 def topk_pruned(grad: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -78,7 +97,7 @@ def topk_pruned(grad: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     flat = grad.detach().reshape(-1)
     k = min(k, int(pruned.sum()))
     scores = torch.where(pruned, flat.abs().double(), torch.tensor(-torch.inf, dtype=torch.float64, device=flat.device))
-    index = _top_indices(scores, k)
+    index = top_indices(scores, k)
     return index, flat[index].clone()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ Batches = Sequence[tuple[Tensor, Tensor]]
 Scores = dict[str, Tensor]
 ScoreFn = Callable[..., Scores]
 
-SCORES: Registry[ScoreFn] = Registry("score")
+SCORES: Registry[ScoreFn] = Registry("score", allow_import=True)
 
 
 def _parameters(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
@@ -54,22 +54,34 @@ def _untouched(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[Non
             p.requires_grad_(r)
 
 
+def accumulate_gradients(
+    model: nn.Module, names: Sequence[str], batches: Iterable[tuple[Tensor, Tensor]], square: bool = False
+) -> tuple[list[Tensor], int]:
+    """The cross-entropy gradients of `names`, one per batch, summed (their squares if `square`),
+    and the number of batches summed. Train mode; buffers, modes and requires_grad are restored.
+    Single-example batches are skipped: batch norm cannot train on them."""
+    params = _parameters(model, names)
+    device = params[0].device if params else torch.device("cpu")
+    total = [torch.zeros_like(p) for p in params]
+    count = 0
+    with _untouched(model, params):
+        model.train()
+        for inputs, labels in batches:
+            if len(labels) < 2:
+                continue
+            loss = F.cross_entropy(model(inputs.to(device)), labels.to(device))
+            for acc, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    acc.add_(g.detach() ** 2 if square else g.detach())
+            count += 1
+    return total, count
+
+
 def _summed_loss_grads(model: nn.Module, names: Sequence[str], batches: Batches | None, score: str) -> list[Tensor]:
     """Gradients of the cross-entropy, summed over `batches` (train mode, nothing left behind)."""
     if not batches:
         raise ValueError(f"score {score!r} is data-driven: pass batches=[(inputs, labels), ...]")
-    params = _parameters(model, names)
-    device = params[0].device if params else torch.device("cpu")
-    total = [torch.zeros_like(p) for p in params]
-    with _untouched(model, params):
-        model.train()
-        for inputs, labels in batches:
-            loss = F.cross_entropy(model(inputs.to(device)), labels.to(device))
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for acc, g in zip(total, grads):
-                if g is not None:
-                    acc.add_(g.detach())
-    return total
+    return accumulate_gradients(model, names, batches)[0]
 
 
 @SCORES.register("magnitude")
@@ -239,3 +251,9 @@ def average_scores(scores: Sequence[Scores], weights: Sequence[float] | None = N
 
 # Scores computed from data: in federated pruning, clients compute them locally and the server averages them.
 DATA_SCORES = frozenset({"snip", "grad", "grasp"})
+
+
+def needs_data(score: str, trusted: Sequence[str] = ()) -> bool:
+    """Whether `score` is computed from data: a data score above, or a user's `package.module:fn`
+    whose function sets `needs_data = True`."""
+    return score in DATA_SCORES or bool(getattr(SCORES.get(score, trusted), "needs_data", False))

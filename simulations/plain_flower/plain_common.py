@@ -7,7 +7,7 @@ from functools import lru_cache
 import torch
 
 from shared.config import Config, load_config
-from shared.data import DataBundle, load_dataset
+from shared.data import DataBundle, load_for
 from shared.models import build_model
 
 
@@ -15,8 +15,7 @@ from shared.models import build_model
 def config_and_data(config_file: str) -> tuple[Config, DataBundle]:
     torch.set_num_threads(1)
     config = load_config(config_file)
-    d = config.dataset
-    return config, load_dataset(d.name, d.path, config.seed, d.test_fraction)
+    return config, load_for(config)
 
 
 def new_model(config: Config, bundle: DataBundle) -> torch.nn.Module:

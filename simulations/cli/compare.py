@@ -1,4 +1,4 @@
-"""Run a grid of methods x densities x seeds on the same data and budget, and tabulate it.
+"""`fedtiny compare`: run a grid of methods x densities x seeds on the same data and budget, and tabulate it.
 
 Every cell is one `fedtiny run` (same config, partitions and codec; only the method, the density
 and the seed change) in `<output_dir>/<method>-d<density>-s<seed>`. A cell whose metrics.json
@@ -9,15 +9,20 @@ comparison.md (mean +- std over seeds) and PNG plots.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from shared.config import METHODS, Config, ConfigError, load_config
+from shared import rundir
+from server.methods import METHODS
+from shared.config import Config, ConfigError, load_config
+from simulations.cli.common import EXIT_RUN_FAILED, preflight
 
 # Ablations of FedTiny, selectable as method names in a comparison.
 ALIASES: dict[str, list[str]] = {
@@ -25,6 +30,7 @@ ALIASES: dict[str, list[str]] = {
     "fedtiny-noprogressive": ["method=fedtiny", "fedtiny.progressive=false"],
 }
 DENSE = "fedavg"
+DEFAULT_OUTPUT_DIR = "outputs/compare"  # one fixed folder (not timestamped), so a rerun resumes the grid
 CSV_FIELDS = (
     "method", "density", "seed", "accuracy", "final_density", "bytes_ratio", "bytes_total",
     "flops_sparse", "flops_dense", "model_bytes", "wall_seconds", "rounds",
@@ -46,9 +52,9 @@ def method_overrides(name: str) -> list[str]:
     """Config overrides that select `name` (a method or a FedTiny ablation alias)."""
     if name in ALIASES:
         return list(ALIASES[name])
-    if name in METHODS:
+    if name in METHODS or ":" in name:  # a registered method, or package.module:Class (trusted)
         return [f"method={name}"]
-    raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join([*METHODS, *ALIASES])}")
+    raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join([*METHODS.names(), *ALIASES])}")
 
 
 def grid(methods: Sequence[str], densities: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
@@ -79,7 +85,7 @@ def cell_config(cell: Cell, out: Path, config_file: str | None, overrides: Seque
 
 def finished(run_dir: Path) -> dict | None:
     """The run's metrics when it finished (summary with an accuracy), else None."""
-    path = run_dir / "metrics.json"
+    path = run_dir / rundir.METRICS
     if not path.exists():
         return None
     try:
@@ -224,12 +230,12 @@ def plot(results: dict[Cell, dict], out: Path) -> list[Path]:
     ax.set_ylabel("final test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    paths.append(_save(fig, out / "accuracy_vs_density.png", plt))
+    paths.append(_save(fig, out / rundir.COMPARISON_PLOTS["density"], plt))
 
     panels = densities or [1.0]
     for x_of, xlabel, log_x, name in (
-        (lambda rounds, total: rounds, "round", False, "accuracy_vs_round.png"),
-        (lambda rounds, total: total, "cumulative payload bytes (up + down)", True, "accuracy_vs_bytes.png"),
+        (lambda rounds, total: rounds, "round", False, rundir.COMPARISON_PLOTS["round"]),
+        (lambda rounds, total: total, "cumulative payload bytes (up + down)", True, rundir.COMPARISON_PLOTS["bytes"]),
     ):
         fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
         for ax, d in zip(axes[0], panels):
@@ -250,12 +256,13 @@ def plot(results: dict[Cell, dict], out: Path) -> list[Path]:
 
 
 def _curve(metrics: dict) -> tuple[list[int], list[float], list[float]]:
-    rounds = metrics.get("rounds", [])
-    total, cumulative = 0, []
-    for r in rounds:
+    """(round, accuracy, cumulative bytes) of the evaluated rounds (fl.eval_every skips some)."""
+    total, points = 0, []
+    for r in metrics.get("rounds", []):
         total += r["bytes_up"] + r["bytes_down"]
-        cumulative.append(max(total, 1))
-    return [r["round"] for r in rounds], [r["accuracy"] for r in rounds], cumulative
+        if r["accuracy"] is not None:
+            points.append((r["round"], r["accuracy"], max(total, 1)))
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 
 def _mean_curve(curves):
@@ -275,6 +282,51 @@ def write_outputs(results: dict[Cell, dict], out: Path) -> list[Path]:
     """comparison.csv, comparison.md and the plots for the finished cells."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [row(c, m) for c, m in results.items()]
-    write_csv(rows, out / "comparison.csv")
-    (out / "comparison.md").write_text(markdown(summarize(rows)))
-    return [out / "comparison.csv", out / "comparison.md", *plot(results, out)]
+    write_csv(rows, out / rundir.COMPARISON_CSV)
+    (out / rundir.COMPARISON_MD).write_text(markdown(summarize(rows)))
+    return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, out)]
+
+
+def _list(text: str, cast, flag: str) -> list:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    try:
+        values = [cast(s) for s in items]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of {cast.__name__} values") from None
+    if not values:
+        raise ConfigError(f"{flag} is empty; give a comma-separated list")
+    return values
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from simulations.cli.launch import simulate
+
+    methods = _list(args.methods, str, "--methods")
+    densities = _list(args.densities, float, "--densities")
+    seeds = _list(args.seeds, int, "--seeds")
+    base = load_config(args.config, args.overrides)
+    out = Path(base.output_dir or DEFAULT_OUTPUT_DIR).expanduser().resolve()
+    overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
+    cells = grid(methods, densities, seeds)
+    preflight(base)
+    results, failures = run_grid(
+        cells, out, args.config, overrides, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False)
+    )
+    if results:
+        for path in write_outputs(results, out):
+            print(f"wrote {path}")
+    for line in failures:
+        print(f"fedtiny: run failed: {line}", file=sys.stderr)
+    return EXIT_RUN_FAILED if failures else 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `compare` subcommand to the `fedtiny` parser."""
+    cmp = subparsers.add_parser("compare", help="run methods x densities x seeds and write a comparison table and plots")
+    cmp.add_argument("--methods", required=True,
+                     help="comma-separated: fedtiny,fedavg,snip,synflow,prunefl,feddst,imp,fedtiny-noabns,fedtiny-noprogressive")
+    cmp.add_argument("--densities", default="0.01,0.05", help="comma-separated target densities (fedavg runs dense once per seed)")
+    cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
+    cmp.add_argument("--config", help="YAML file merged onto configs/default.yaml")
+    cmp.add_argument("overrides", nargs="*", help="key=value overrides for every run; output_dir= is the grid's folder")
+    cmp.set_defaults(func=_compare)

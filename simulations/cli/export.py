@@ -1,12 +1,14 @@
 """`fedtiny export` and `fedtiny infer`: ship a finished run's tiny model and check it on a test set.
 
-Thin wiring: the work is in `shared.export`.
+Thin wiring: the work is in `shared.export` (only its public names are used here).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from shared import rundir
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -43,7 +45,7 @@ def _infer(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the `export` and `infer` subcommands to the `fedtiny` parser (torch is imported only when they run)."""
     ex = subparsers.add_parser("export", help="export a finished run's model (packed, onnx, torchscript)")
-    ex.add_argument("output_dir", help="output directory of a finished run (config.yaml, model.ftc)")
+    ex.add_argument("output_dir", help=f"output directory of a finished run ({rundir.CONFIG}, {rundir.MODEL})")
     ex.add_argument("--format", default="packed", help="packed | onnx | torchscript")
     ex.add_argument("--compact", action="store_true", help="remove channels and neurons that cannot change the logits")
     ex.add_argument("--float16", action="store_true", help="packed only: store kept weights as float16")

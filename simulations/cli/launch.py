@@ -3,7 +3,8 @@
 Each run gets its own SuperLink on free ports and its own FLWR_HOME inside the output
 directory, so runs (and tests) never collide, and every process is stopped at the
 end, also on Ctrl-C or failure. `flwr run` exits 0 even when a run failed, so success
-is judged by the run's own metrics.json.
+is judged by the run's own metrics.json. `fedtiny run`, `fedtiny compare`, `fedtiny deploy-local`
+and the benchmarks (simulations/harness.py) launch through here.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from typing import Iterator
 import psutil
 
 from server.recorder import PROGRESS_PREFIX
+from shared import rundir
 from shared.config import Config, to_flat
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` ships (pyproject.toml)
 ROUND_LINE = re.compile(re.escape(PROGRESS_PREFIX) + r" round (\d+)/(\d+) (.*)")
 
 
@@ -144,30 +146,30 @@ def federation_config(config: Config) -> str:
 def simulate(config: Config, out: Path, progress: bool = True, echo: bool = True) -> dict:
     """Run `config` in simulation, writing outputs to `out`; returns metrics.json's content."""
     out.mkdir(parents=True, exist_ok=True)
-    flwr_home = out / ".flwr"
+    flwr_home = out / rundir.FLWR_HOME
     flwr_home.mkdir(exist_ok=True)
-    run_config = out / "run_config.toml"
+    run_config = out / rundir.RUN_CONFIG
     write_run_config(config, run_config)
     env = flower_env(flwr_home, free_port(), config.simulation.ray_address)
     cmd = [
         "flwr", "run", str(PROJECT_ROOT), "--stream",
         "--run-config", str(run_config), "--federation-config", federation_config(config),
     ]
-    log_path = out / "run.log"
-    with local_superlink(env, flwr_home / "superlink.log"), open(log_path, "w") as log:
+    log_path = out / rundir.RUN_LOG
+    with local_superlink(env, flwr_home / rundir.SUPERLINK_LOG), open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             follow(proc, log, config.fl.rounds, progress, echo)
         finally:
             stop_group(proc)
-    return read_metrics(out, f"{log_path} and {flwr_home / 'superlink.log'}")
+    return read_metrics(out, f"{log_path} and {flwr_home / rundir.SUPERLINK_LOG}")
 
 
 def read_metrics(out: Path, logs: str) -> dict:
     """A finished run's metrics.json; RunFailed when the run wrote none or recorded an error."""
-    path = out / "metrics.json"
+    path = out / rundir.METRICS
     if not path.exists():
-        raise RunFailed(f"the run wrote no metrics.json; see {logs}")
+        raise RunFailed(f"the run wrote no {rundir.METRICS}; see {logs}")
     metrics = json.loads(path.read_text())
     summary = metrics.get("summary", {})
     if "error" in summary or "accuracy" not in summary:

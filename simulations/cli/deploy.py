@@ -1,4 +1,4 @@
-"""Run the same ServerApp and ClientApp on a real Flower deployment on localhost.
+"""`fedtiny deploy-local`: the same ServerApp and ClientApp on a real Flower deployment on localhost.
 
 One `flower-superlink` with TLS and SuperNode authentication, N `flower-supernode`
 processes (node i gets `partition-id=i num-partitions=N` through `--node-config`),
@@ -12,12 +12,14 @@ failure. Success is judged by the run's metrics.json, as in simulation.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import json
 import signal
 import socket
 import subprocess
+import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -29,7 +31,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.launch import (
+from shared import rundir
+from shared.config import Config, ConfigError, load_config
+from simulations.cli.common import fail, preflight, print_summary, with_output_dir
+from simulations.cli.launch import (
     PROJECT_ROOT,
     RunFailed,
     follow,
@@ -40,7 +45,6 @@ from server.launch import (
     stop_group,
     write_run_config,
 )
-from shared.config import Config, ConfigError
 
 CONNECTION = "fedtiny-deploy"  # name of the SuperLink connection in the flwr CLI's config.toml
 CERT_DAYS = 30
@@ -254,13 +258,13 @@ def deploy_local(
     given = tls_files(Path(certs).expanduser().resolve()) if certs is not None else None
     if given:
         given.check()
-    run_dir = out / "deploy"
+    run_dir = out / rundir.DEPLOY_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
     tls = given or make_tls(run_dir / "certs", (host, "localhost"))
     address = f"{host}:{port}"
-    run_config = out / "run_config.toml"
+    run_config = out / rundir.RUN_CONFIG
     write_run_config(config, run_config)
-    (out / "metrics.json").unlink(missing_ok=True)  # success is judged by this run's metrics.json only
+    (out / rundir.METRICS).unlink(missing_ok=True)  # success is judged by this run's metrics.json only
 
     with _stop_on_sigterm(), ExitStack() as stack:
         cli_env = stack.enter_context(running_superlink(run_dir, tls, host, port))
@@ -268,8 +272,8 @@ def deploy_local(
             key = make_node_key(run_dir / "keys", f"node-{i}")
             register_node(cli_env, key, f"node-{i}")
             stack.enter_context(running_supernode(run_dir, f"node-{i}", address, tls.ca_cert, key, i, nodes))
-        _submit(cli_env, run_config, out / "run.log", config.fl.rounds, progress, echo)
-    return read_metrics(out, f"{out / 'run.log'} and the logs in {run_dir}")
+        _submit(cli_env, run_config, out / rundir.RUN_LOG, config.fl.rounds, progress, echo)
+    return read_metrics(out, f"{out / rundir.RUN_LOG} and the logs in {run_dir}")
 
 
 @contextmanager
@@ -277,7 +281,7 @@ def running_superlink(run_dir: Path, tls: TlsFiles, host: str, port: int) -> Ite
     """A TLS SuperLink with SuperNode authentication; yields the environment of a flwr CLI connected to it."""
     home = run_dir / "superlink"
     home.mkdir(parents=True, exist_ok=True)
-    log_file = run_dir / "superlink.log"
+    log_file = run_dir / rundir.SUPERLINK_LOG
     cli_home = run_dir / "cli"
     write_connection(cli_home, f"{host}:{port}", tls.ca_cert)
     cmd = superlink_command(tls, host, port, log_file)
@@ -310,3 +314,34 @@ def _submit(env: dict[str, str], run_config: Path, log_path: Path, rounds: int, 
             follow(proc, log, rounds, progress, echo)
         finally:
             stop_group(proc)
+
+
+def _deploy_local(args: argparse.Namespace) -> int:
+    config = load_config(args.config, [f"fl.num_clients={args.nodes}", *args.overrides])
+    config, out = with_output_dir(config, suffix="-deploy")
+    preflight(config)
+    certs = Path(args.certs) if args.certs else None
+    try:
+        metrics = deploy_local(config, out, args.nodes, args.port, certs, progress=not args.no_progress)
+    except RunFailed as exc:
+        return fail(exc)
+    except KeyboardInterrupt:
+        print("fedtiny: interrupted; every SuperLink and SuperNode process was stopped", file=sys.stderr)
+        return 130
+    print_summary(metrics, out)
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `deploy-local` to the `fedtiny` command line."""
+    p = subparsers.add_parser(
+        "deploy-local",
+        help="run a federated job on a local SuperLink and N SuperNodes with TLS and node authentication",
+    )
+    p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes; sets fl.num_clients (one partition each)")
+    p.add_argument("--config", help="YAML file merged onto configs/default.yaml")
+    p.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--certs", help="folder with ca.crt, server.crt, server.key to use instead of fresh ones")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fl.rounds=5")
+    p.set_defaults(func=_deploy_local)

@@ -1,0 +1,34 @@
+"""`fedtiny` command line: the parser, and errors mapped to exit codes.
+
+Each subcommand lives in its own module with `add_commands(subparsers)`; only this module
+imports them. Configuration errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shared.config import ConfigError
+from simulations.cli import compare, deploy, export, run
+from simulations.cli.common import EXIT_CONFIG
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedtiny", description="Federated pruning towards tiny models (FedTiny) on Flower.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for module in (run, export, deploy, compare):
+        module.add_commands(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"fedtiny: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fedtiny: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return EXIT_CONFIG

@@ -1,0 +1,49 @@
+"""`fedtiny run`: one federated job in Flower's simulation engine, new or resumed from its last checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from shared import rundir
+from shared.config import Config, ConfigError, load_config
+from simulations.cli.common import fail, preflight, print_summary, with_output_dir
+
+
+def _run(args: argparse.Namespace) -> int:
+    from simulations.cli.launch import RunFailed, simulate
+
+    if args.resume:
+        config = resume_config(Path(args.resume), args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
+    config, out = with_output_dir(config)
+    preflight(config)
+    try:
+        metrics = simulate(config, out, progress=not args.no_progress)
+    except RunFailed as exc:
+        return fail(exc)
+    print_summary(metrics, out)
+    return 0
+
+
+def resume_config(out: Path, overrides: list[str]) -> Config:
+    """The saved config of a run, set to continue from its last checkpoint."""
+    from server.checkpoint import exists
+
+    out = out.expanduser().resolve()
+    if not (out / rundir.CONFIG).exists() or not exists(out):
+        raise ConfigError(
+            f"{out} has no {rundir.CONFIG} and {rundir.CHECKPOINT} to resume from; pass a run's output directory"
+        )
+    return load_config(out / rundir.CONFIG, [*overrides, "resume=true", f"output_dir={out}"])
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `run` subcommand to the `fedtiny` parser."""
+    run = subparsers.add_parser("run", help="run a federated job in Flower's simulation engine")
+    run.add_argument("--config", help="YAML file merged onto configs/default.yaml")
+    run.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    run.add_argument("--resume", metavar="OUTPUT_DIR", help="continue a crashed run from its last checkpoint")
+    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pruning.density=0.01")
+    run.set_defaults(func=_run)
