@@ -11,12 +11,16 @@ between the two steps, so each candidate travels once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
+from server import loop
 from server.context import RunContext
+from server.global_model import GlobalModel
 from server.fleet import config_record
 from shared import codec, protocol as p
 from shared.batchnorm import BNStats, bn_stats_from_tensors, bn_stats_to_tensors, load_stats, pool_stats
@@ -30,7 +34,9 @@ Tensors = dict[str, torch.Tensor]
 class Candidate:
     name: str  # "<allocation>+<score>"
     masks: Tensors
-    loss: float | None = None
+    loss: float | None = None  # the selection's score: ABNS loss, or the last successive-halving stage's
+    abns_loss: float | None = None  # with successive halving: the ABNS loss it started from
+    stages: list[float] = field(default_factory=list)  # successive halving: held-out loss after each stage
 
 
 def client_scores(ctx: RunContext, model: torch.nn.Module, score: str, clients: int, batches: int) -> Tensors:
@@ -72,8 +78,9 @@ def candidate_payload(state: Tensors, candidates: list[Candidate]) -> ConfigReco
     return ConfigRecord({p.CANDIDATE_BASE: base, p.CANDIDATE_MASKS: selections})
 
 
-def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate]) -> tuple[Candidate, BNStats]:
-    """Recalibrate BN per candidate on clients, pool exactly, evaluate, pick the lowest loss."""
+def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate]) -> list[BNStats]:
+    """ABNS: recalibrate BN per candidate on clients, pool exactly, evaluate; sets every candidate's
+    `loss` (sample-weighted held-out loss) and returns the pooled statistics of each."""
     payload = candidate_payload(model.state_dict(), candidates)
     build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
     _, replies = ctx.fleet.round(ctx.config.fedtiny.search_clients, p.BN, build, ctx.rng)
@@ -89,18 +96,73 @@ def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate])
     count = sum(r.num_examples for r in evals)
     for i, cand in enumerate(candidates):
         cand.loss = sum(float(r.content[p.METRICS][p.LOSS_SUMS][i]) for r in evals) / count
-    best = min(range(len(candidates)), key=lambda i: (candidates[i].loss, i))
-    return candidates[best], pooled[best]
+    return pooled
 
 
-def search(ctx: RunContext, model: torch.nn.Module) -> tuple[Candidate, list[Candidate]]:
-    """Run the policy search; `model` ends with the winner's masks applied and pooled BN statistics."""
+def halving_order(losses: list[float], keep: float = 0.5) -> list[int]:
+    """Successive halving's survivors: the indices of the ceil(keep x n) lowest losses, best first
+    (ties: the earlier candidate). A NaN loss ranks last."""
+    order = sorted(range(len(losses)), key=lambda i: (math.isnan(losses[i]), losses[i], i))
+    return order[: max(1, math.ceil(keep * len(losses)))]
+
+
+def held_out_loss(ctx: RunContext, gm: GlobalModel, nodes: list[int]) -> float:
+    """Sample-weighted loss of `gm` (its own BN statistics) on the held-out splits of `nodes`."""
+    replies = ctx.fleet.exchange({n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})}) for n in nodes}, p.EVALUATE)
+    count = sum(r.num_examples for r in replies)
+    return sum(float(r.content[p.METRICS][p.LOSS]) * r.num_examples for r in replies) / count if count else math.nan
+
+
+def halving(ctx: RunContext, method, model: torch.nn.Module, candidates: list[Candidate]) -> Candidate:
+    """Successive halving over federated rounds (Jamieson & Talwalkar, arXiv 1502.07943): every
+    surviving candidate trains `fedtiny.search_rounds` more rounds of masked FedAvg, then the half
+    with the lowest held-out loss goes on, until one is left.
+
+    At extreme density every candidate sits at chance loss right after coarse pruning, so ABNS
+    alone selects by noise; a few rounds of training separate them. Within a stage every candidate
+    trains on the same sampled clients (paired comparison) and is scored on the same held-out
+    clients. The winner restarts from the starting weights, so the run's own rounds are the same
+    as every method's; the search's bytes and seconds count in round 0, but not in the dense
+    reference (dense FedAvg runs no search).
+    """
+    c, rng, dense = ctx.config, ctx.rng, (ctx.dense_bytes_up, ctx.dense_bytes_down)
+    models = {cand.name: GlobalModel(model.state_dict(), cand.masks) for cand in candidates}
+    eval_nodes = ctx.fleet.sample(c.fedtiny.search_clients, np.random.default_rng([c.seed, 17]))
+    alive, stage = list(candidates), 0
+    try:
+        while len(alive) > 1:
+            for cand in alive:
+                for r in range(c.fedtiny.search_rounds):
+                    t = stage * c.fedtiny.search_rounds + r + 1
+                    ctx.rng = np.random.default_rng([c.seed, 29, t])  # the same clients for every candidate
+                    loop.training_round(ctx, method, models[cand.name], t, {})
+                cand.loss = held_out_loss(ctx, models[cand.name], eval_nodes)
+                cand.stages.append(cand.loss)
+            alive = [alive[i] for i in halving_order([cand.loss for cand in alive])]
+            stage += 1
+    finally:
+        ctx.rng = rng
+        ctx.dense_bytes_up, ctx.dense_bytes_down = dense
+    return alive[0]
+
+
+def search(ctx: RunContext, model: torch.nn.Module, method=None) -> tuple[Candidate, list[Candidate]]:
+    """Run the policy search; `model` ends with the winner's masks applied and pooled BN statistics.
+
+    With ABNS the lowest pooled loss wins; with `fedtiny.search_rounds` > 0 the candidates, in ABNS
+    order, then go through successive halving (`halving`, training through `method`'s hooks).
+    """
     candidates = build_candidates(ctx, model)
+    best = candidates[0]
     if ctx.config.fedtiny.abns and len(candidates) > 1:
-        best, stats = select(ctx, model, candidates)
-        load_stats(model, stats)
-    else:
-        best = candidates[0]
+        pooled = dict(zip([cand.name for cand in candidates], select(ctx, model, candidates)))
+        ranked = [candidates[i] for i in halving_order([cand.loss for cand in candidates], keep=1.0)]
+        best = ranked[0]
+        if ctx.config.fedtiny.search_rounds > 0:
+            for cand in candidates:
+                cand.abns_loss = cand.loss
+            best = halving(ctx, method, model, ranked)
+        load_stats(model, pooled[best.name])
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, mask in best.masks.items():

@@ -32,7 +32,27 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class CNN(nn.Module):
+def _bn_head(features: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """linear-BN-ReLU-linear: the classifier of the small CNNs."""
+    return nn.Sequential(
+        nn.Linear(features, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes)
+    )
+
+
+class _FeaturesThenHead(nn.Module):
+    """`features`, flattened, then `classifier`; each prunable layer is its own block."""
+
+    features: nn.Module
+    classifier: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+    def prunable_blocks(self) -> list[list[str]]:
+        return [[name] for name in prunable_names(self)]
+
+
+class CNN(_FeaturesThenHead):
     """A small CNN for 8x8 to 32x32 inputs: three conv-BN-ReLU layers, then linear-BN-ReLU-linear.
 
     About 65 thousand weights at width 1; trains on a CPU in seconds on the digits data.
@@ -48,22 +68,10 @@ class CNN(nn.Module):
             *_conv_bn_relu(c2, c2),
             nn.AdaptiveAvgPool2d(1),
         )
-        self.classifier = nn.Sequential(
-            nn.Linear(c2, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
-
-    def prunable_blocks(self) -> list[list[str]]:
-        """Each prunable layer is its own block."""
-        return [[name] for name in prunable_names(self)]
+        self.classifier = _bn_head(c2, hidden, num_classes)
 
 
-class CNNPool(nn.Module):
+class CNNPool(_FeaturesThenHead):
     """A CNN in FedTiny's regime: conv 32-64-128 (3x3, BN, ReLU, 2x2 max pool each), then
     linear(256)-BN-ReLU-linear; the CNN that FEDTINY.md measured on Fashion-MNIST.
 
@@ -92,19 +100,7 @@ class CNNPool(nn.Module):
             *_conv_bn_relu(c2, c3),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(
-            nn.Linear(c3 * out_h * out_w, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
-
-    def prunable_blocks(self) -> list[list[str]]:
-        """Each prunable layer is its own block."""
-        return [[name] for name in prunable_names(self)]
+        self.classifier = _bn_head(c3 * out_h * out_w, hidden, num_classes)
 
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")

@@ -152,3 +152,23 @@ def test_eval_every_skips_central_evaluation_but_never_the_last_round(tmp_path):
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds if r["accuracy"] is not None] == [0, 2, 4, 5]
     assert json.loads((out / "metrics.json").read_text())["summary"]["accuracy"] == rounds[-1]["accuracy"]
+
+
+def test_successive_halving_keeps_the_lower_half_and_ranks_nan_last():
+    assert policy_search.halving_order([2.3, 0.7, float("nan"), 1.1, 0.7]) == [1, 4, 3]
+    assert policy_search.halving_order([5.0]) == [0]
+    assert policy_search.halving_order([1.0, 1.0, 0.5, 2.0], keep=1.0) == [2, 0, 1, 3]
+
+
+def test_successive_halving_trains_candidates_and_picks_the_lowest_held_out_loss(tmp_path):
+    config = tiny_config(tmp_path, "fedtiny.search_rounds=1", "fedtiny.scores=[magnitude]",
+                         "fedtiny.allocations=[uniform-noise,global,erk]")
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    dense = (ctx.dense_bytes_up, ctx.dense_bytes_down)
+    best, candidates = policy_search.search(ctx, ctx.new_model(), METHODS.get("fedtiny")(ctx))
+    stages = {c.name: c.stages for c in candidates}
+    assert len(candidates) == 3 and [len(s) for s in stages.values()].count(2) == 2  # 3 -> 2 -> 1
+    finalists = [c for c in candidates if len(c.stages) == 2]
+    assert best is min(finalists, key=lambda c: c.stages[-1])
+    assert (ctx.dense_bytes_up, ctx.dense_bytes_down) == dense  # the search is not billed to dense FedAvg
+    assert ctx.fleet.traffic.up > 0

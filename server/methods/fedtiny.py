@@ -44,6 +44,9 @@ class FedTinySettings:
     adjust_interval: int = 5  # dT: rounds between block adjustments
     alpha: float = 0.2  # initial prune/grow fraction (cosine-decayed)
     end_fraction: float = 0.6  # T_end = end_fraction * rounds
+    # Successive halving after ABNS: rounds of masked FedAvg per surviving candidate and stage
+    # (0: ABNS alone picks). The winner restarts from the starting weights.
+    search_rounds: int = 0
 
     def validate(self, c, check) -> None:
         check(len(self.allocations) > 0, "fedtiny.allocations", "must name at least one allocation")
@@ -53,6 +56,7 @@ class FedTinySettings:
         check(self.adjust_interval >= 1, "fedtiny.adjust_interval", "must be >= 1")
         check(0.0 <= self.alpha <= 1.0, "fedtiny.alpha", "must be in [0, 1]")
         check(0.0 <= self.end_fraction <= 1.0, "fedtiny.end_fraction", "must be in [0, 1]")
+        check(self.search_rounds >= 0, "fedtiny.search_rounds", "must be >= 0 (0: ABNS alone)")
         for name in self.allocations:
             resolve(ALLOCATIONS, name, "fedtiny.allocations", c)
         for name in self.scores:
@@ -89,8 +93,11 @@ class FedTiny(Method):
         model = self.initial_model(ctx)
         if ctx.config.pruning.density >= 1.0:
             return GlobalModel(model.state_dict())
-        best, candidates = policy_search.search(ctx, model)
-        self.summary["candidates"] = [{"name": c.name, "loss": c.loss} for c in candidates]
+        best, candidates = policy_search.search(ctx, model, self)
+        self.summary["candidates"] = [
+            {"name": c.name, "loss": c.loss, **({"abns_loss": c.abns_loss, "stages": c.stages} if c.stages else {})}
+            for c in candidates
+        ]
         self.summary["selected"] = best.name
         ctx.recorder.note(f"policy search selected {best.name} among {len(candidates)} candidates")
         self.blocks = ctx.blocks(model)
