@@ -16,10 +16,13 @@ from server import checkpoint
 from server.context import RunContext
 from server.fleet import Reply, config_record
 from server.global_model import GlobalModel
-from server.methods.base import Method
+from typing import TYPE_CHECKING
 from server.recorder import RoundRecord
 from shared import codec, protocol as p
 from shared.training import LR_SCHEDULES
+
+if TYPE_CHECKING:
+    from server.methods.base import Method
 
 
 def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: dict, failing: set[int]) -> RecordDict:

@@ -132,10 +132,12 @@ def halving(ctx: RunContext, method, model: torch.nn.Module, candidates: list[Ca
     try:
         while len(alive) > 1:
             for cand in alive:
+                models[cand.name].node_version.clear()  # nodes hold whichever candidate's masks came last
                 for r in range(c.fedtiny.search_rounds):
                     t = stage * c.fedtiny.search_rounds + r + 1
                     ctx.rng = np.random.default_rng([c.seed, 29, t])  # the same clients for every candidate
                     loop.training_round(ctx, method, models[cand.name], t, {})
+                models[cand.name].node_version.clear()
                 cand.loss = held_out_loss(ctx, models[cand.name], eval_nodes)
                 cand.stages.append(cand.loss)
             alive = [alive[i] for i in halving_order([cand.loss for cand in alive])]

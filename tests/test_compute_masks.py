@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import textwrap
+
 import pytest
 import torch
 
@@ -70,3 +72,33 @@ def test_server_masks_from_averaged_client_scores(tiny_model, tiny_batches):
     clients = [snip(tiny_model, names, batches=[b]) for b in tiny_batches]
     masks = masks_from_scores(average_scores(clients, weights=[16, 16, 16]), 0.1, "lamp")
     assert kept(masks) == round(0.1 * TOTAL)
+
+
+def _user_module(tmp_path, monkeypatch, name: str, source: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_users_score_and_allocation_plug_in_by_name_from_a_trusted_package(tiny_model, tmp_path, monkeypatch):
+    _user_module(tmp_path, monkeypatch, "user_prune_mod", """
+        import torch
+        from shared.pruning.allocation import ALLOCATIONS
+
+        def neg_magnitude(model, names, batches=None, seed=0):
+            params = dict(model.named_parameters())
+            return {n: -params[n].detach().abs() for n in names}
+
+        def global_twice(scores, density, seed=0, keep_dense=()):
+            return ALLOCATIONS.get("global")(scores, density, seed=seed, keep_dense=keep_dense)
+    """)
+    masks = compute_masks(tiny_model, 0.2, "user_prune_mod:neg_magnitude", "user_prune_mod:global_twice",
+                          trusted=["user_prune_mod"])
+    smallest = compute_masks(tiny_model, 0.2, "magnitude", "global")
+    assert all(not (masks[n] & smallest[n]).any() for n in masks)  # the smallest weights, not the largest
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.2 * sum(m.numel() for m in masks.values()))
+
+
+def test_an_untrusted_score_is_refused_before_anything_is_imported(tiny_model, tmp_path, monkeypatch):
+    _user_module(tmp_path, monkeypatch, "user_boom_mod", "raise SystemExit('imported!')\n")
+    with pytest.raises(ValueError, match="not trusted"):
+        compute_masks(tiny_model, 0.2, "user_boom_mod:score")

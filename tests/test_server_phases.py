@@ -171,4 +171,4 @@ def test_successive_halving_trains_candidates_and_picks_the_lowest_held_out_loss
     finalists = [c for c in candidates if len(c.stages) == 2]
     assert best is min(finalists, key=lambda c: c.stages[-1])
     assert (ctx.dense_bytes_up, ctx.dense_bytes_down) == dense  # the search is not billed to dense FedAvg
-    assert ctx.fleet.traffic.up > 0
+    assert ctx.fleet.traffic.up > 0 and not ctx.fleet.traffic.failures  # every node decoded every candidate

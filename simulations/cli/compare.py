@@ -28,12 +28,13 @@ from simulations.cli.common import EXIT_RUN_FAILED, preflight
 ALIASES: dict[str, list[str]] = {
     "fedtiny-noabns": ["method=fedtiny", "fedtiny.abns=false"],
     "fedtiny-noprogressive": ["method=fedtiny", "fedtiny.progressive=false"],
+    "fedtiny-abnsonly": ["method=fedtiny", "fedtiny.search_rounds=0"],  # no successive halving
 }
 DENSE = "fedavg"
 DEFAULT_OUTPUT_DIR = "outputs/compare"  # one fixed folder (not timestamped), so a rerun resumes the grid
 CSV_FIELDS = (
-    "method", "density", "seed", "accuracy", "final_density", "bytes_ratio", "bytes_total",
-    "flops_sparse", "flops_dense", "model_bytes", "wall_seconds", "rounds",
+    "method", "density", "seed", "accuracy", "federated_accuracy", "final_density", "bytes_ratio", "bytes_total",
+    "flops_sparse", "flops_dense", "model_bytes", "wall_seconds", "rounds", "selected",
 )
 
 
@@ -134,6 +135,7 @@ def row(cell: Cell, metrics: dict) -> dict:
         "density": cell.density,
         "seed": cell.seed,
         "accuracy": s["accuracy"],
+        "federated_accuracy": s.get("federated_accuracy", float("nan")),  # clients' held-out data: for tuning
         "final_density": s.get("density", float("nan")),
         "bytes_ratio": s.get("bytes_ratio", float("nan")),
         "bytes_total": s.get("bytes_up", 0) + s.get("bytes_down", 0),
@@ -142,6 +144,7 @@ def row(cell: Cell, metrics: dict) -> dict:
         "model_bytes": s.get("model_size", {}).get("sparse_bytes", float("nan")),
         "wall_seconds": s.get("wall_seconds", float("nan")),
         "rounds": len(metrics.get("rounds", [])) - 1,
+        "selected": s.get("selected") or "",
     }
 
 
