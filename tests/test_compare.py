@@ -21,7 +21,7 @@ def _metrics(accuracy: float, ratio: float = 0.1, rounds: int = 3) -> dict:
     summary = {
         "accuracy": accuracy, "density": 0.05, "bytes_ratio": ratio, "bytes_up": 400, "bytes_down": 800,
         "flops": {"dense": 1000, "sparse": 50}, "model_size": {"dense_bytes": 4000, "sparse_bytes": 300},
-        "wall_seconds": 1.0,
+        "wall_seconds": 1.0, "federated_accuracy": accuracy - 0.05,
     }
     return {"rounds": per_round, "summary": summary}
 
@@ -98,8 +98,8 @@ def test_outputs_are_written_from_metrics(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and rows[1]["method"] == "fedtiny" and float(rows[1]["accuracy"]) == 0.8
     table = (tmp_path / "comparison.md").read_text().splitlines()
-    assert table[2].startswith("| 1 | fedavg | 1 | 90.00 ± 0.00 % | 1.0000 |")
-    assert table[3].startswith("| 0.05 | fedtiny | 2 | 70.00 ± 14.14 % | 0.1000 | 50 (0.050) | 0.3 KiB |")
+    assert table[2].startswith("| 1 | fedavg | 1 | 90.00 ± 0.00 % | 85.00 % | 1.0000 |")
+    assert table[3].startswith("| 0.05 | fedtiny | 2 | 70.00 ± 14.14 % | 65.00 % | 0.1000 | 50 (0.050) | 0.3 KiB | 1 |")
     assert table[4].startswith("| 0.01 | fedtiny | 1 | 50.00 ± 0.00 % |")
     for name in ("accuracy_vs_density.png", "accuracy_vs_round.png", "accuracy_vs_bytes.png"):
         assert tmp_path / name in paths and (tmp_path / name).stat().st_size > 0
@@ -115,3 +115,8 @@ def test_compare_runs_two_cells_in_simulation_then_resumes(tmp_path):
     stamp = (tmp_path / "synflow-d0.05-s0" / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0  # everything finished: nothing reruns
     assert (tmp_path / "synflow-d0.05-s0" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_the_centralized_ceiling_is_labelled_as_not_federated():
+    rows = [compare.row(Cell("centralized", 0.01, 0), _metrics(0.9))]
+    assert "| centralized (ceiling, not federated) |" in compare.markdown(compare.summarize(rows))

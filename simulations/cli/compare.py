@@ -31,6 +31,8 @@ ALIASES: dict[str, list[str]] = {
     "fedtiny-abnsonly": ["method=fedtiny", "fedtiny.search_rounds=0"],  # no successive halving
 }
 DENSE = "fedavg"
+CEILING = "centralized"
+CEILING_LABEL = "centralized (ceiling, not federated)"
 DEFAULT_OUTPUT_DIR = "outputs/compare"  # one fixed folder (not timestamped), so a rerun resumes the grid
 CSV_FIELDS = (
     "method", "density", "seed", "accuracy", "federated_accuracy", "final_density", "bytes_ratio", "bytes_total",
@@ -175,6 +177,8 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
             "flops": statistics.fmean(r["flops_sparse"] for r in rs),
             "flops_ratio": statistics.fmean(r["flops_sparse"] / r["flops_dense"] for r in rs),
             "model_bytes": statistics.fmean(r["model_bytes"] for r in rs),
+            "federated_accuracy": statistics.fmean(float(r.get("federated_accuracy", "nan")) for r in rs),
+            "wall_seconds": statistics.fmean(float(r.get("wall_seconds", "nan")) for r in rs),
         })
     return out
 
@@ -182,13 +186,16 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
 def markdown(summary: Sequence[dict]) -> str:
     """The results table: accuracy mean +- std over seeds, bytes relative to dense FedAvg, FLOPs, model size."""
     lines = [
-        "| density | method | seeds | accuracy (mean ± std) | bytes vs dense FedAvg | FLOPs / example (vs dense) | model size |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| density | method | seeds | accuracy (mean ± std) | federated accuracy | bytes vs dense FedAvg "
+        "| FLOPs / example (vs dense) | model size | wall s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summary:
+        label = CEILING_LABEL if s["method"] == CEILING else s["method"]
         lines.append(
-            f"| {s['density']:g} | {s['method']} | {s['seeds']} | {100 * s['accuracy']:.2f} ± {100 * s['accuracy_std']:.2f} % "
-            f"| {s['bytes_ratio']:.4f} | {_si(s['flops'])} ({s['flops_ratio']:.3f}) | {_kib(s['model_bytes'])} |"
+            f"| {s['density']:g} | {label} | {s['seeds']} | {100 * s['accuracy']:.2f} ± {100 * s['accuracy_std']:.2f} % "
+            f"| {100 * s['federated_accuracy']:.2f} % | {s['bytes_ratio']:.4f} | {_si(s['flops'])} ({s['flops_ratio']:.3f}) "
+            f"| {_kib(s['model_bytes'])} | {s['wall_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -327,7 +334,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the `compare` subcommand to the `fedtiny` parser."""
     cmp = subparsers.add_parser("compare", help="run methods x densities x seeds and write a comparison table and plots")
     cmp.add_argument("--methods", required=True,
-                     help="comma-separated: fedtiny,fedavg,snip,synflow,prunefl,feddst,imp,fedtiny-noabns,fedtiny-noprogressive")
+                     help=f"comma-separated: {','.join([*METHODS.names(), *ALIASES])} (or package.module:Class)")
     cmp.add_argument("--densities", default="0.01,0.05", help="comma-separated target densities (fedavg runs dense once per seed)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp.add_argument("--config", help="YAML file merged onto configs/default.yaml")
