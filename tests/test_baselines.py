@@ -200,3 +200,19 @@ def test_the_centralized_example_budget_is_the_federated_runs():
 
     config = load_config(overrides=["fl.rounds=10", "fl.num_clients=20", "fl.clients_per_round=5", "fl.local_epochs=2"])
     assert example_passes(SimpleNamespace(config=config), 1000) == 10 * 5 * 2 * 1000 // 20
+
+
+def test_prunefl_rejects_squared_gradients_that_are_negative_or_misshapen():
+    from server.methods.prunefl import check_sq_grads
+
+    gm = GlobalModel({"w": torch.ones(4)}, {"w": torch.tensor([True, False, True, False])})
+
+    def reply(grads):
+        content = RecordDict()
+        content[p.PAYLOAD] = ConfigRecord({p.SQ_GRADS: codec.encode(grads)})
+        return Reply(1, content, 0)
+
+    assert torch.equal(check_sq_grads(reply({"w": torch.ones(4)}), gm)["w"], torch.ones(4))
+    assert "finite, >= 0" in check_sq_grads(reply({"w": -torch.ones(4)}), gm)
+    assert "finite, >= 0" in check_sq_grads(reply({"w": torch.ones(3)}), gm)
+    assert "expected the masked layers" in check_sq_grads(reply({"v": torch.ones(4)}), gm)

@@ -111,12 +111,17 @@ class PruneFL(Method):
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not self.asked:
             return
-        parts = [(r, r.content[p.PAYLOAD].get(p.SQ_GRADS)) for r in replies]
-        parts = [(r, blob) for r, blob in parts if blob is not None]
-        if not parts:
+        scores, weights = [], []
+        for r in replies:
+            got = check_sq_grads(r, gm)
+            if isinstance(got, str):
+                ctx.fleet.reject(r.node_id, p.TRAIN, f"prunefl: {got}")
+                continue
+            scores.append(got)
+            weights.append(r.num_examples)
+        if not scores:
             return
-        scores = [codec.decode(blob)[0] for _, blob in parts]
-        importance = average_scores(scores, [r.num_examples for r, _ in parts])
+        importance = average_scores(scores, weights)
         fraction = self.settings.max_change * 0.5**self.remaskings
         sparse = [n for n in gm.masks if n not in self.dense]
         counts = {n: math.ceil(fraction * int(gm.masks[n].sum())) for n in sparse}
@@ -127,6 +132,24 @@ class PruneFL(Method):
 
     def phase(self, t: int) -> str:
         return "adjust" if self.asked else "train"
+
+
+def check_sq_grads(reply: Reply, gm: GlobalModel) -> Tensors | str:
+    """A client's squared gradients, or why they are unusable: one finite, non-negative dense tensor
+    per masked layer, shaped like it (decoding bounded by that size)."""
+    blob = reply.content[p.PAYLOAD].get(p.SQ_GRADS)
+    if blob is None:
+        return "no squared gradients"
+    try:
+        grads, _ = codec.decode(blob, max_bytes=8 * sum(m.numel() for m in gm.masks.values()) + 65536)
+    except ValueError as exc:
+        return f"undecodable squared gradients ({exc})"
+    if set(grads) != set(gm.masks):
+        return f"squared gradients for {sorted(grads)[:3]}, expected the masked layers"
+    for n, g in grads.items():
+        if g.shape != gm.masks[n].shape or not g.is_floating_point() or not torch.isfinite(g).all() or (g < 0).any():
+            return f"squared gradients of {n} must be finite, >= 0 and shaped {tuple(gm.masks[n].shape)}"
+    return grads
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "remaskings": self.remaskings, "dense": getattr(self, "dense", [])}
