@@ -21,10 +21,11 @@ from flwr.app import ConfigRecord, RecordDict
 from server import loop
 from server.context import RunContext
 from server.global_model import GlobalModel
-from server.fleet import config_record
+from server.fleet import Reply, config_record
 from shared import codec, protocol as p
 from shared.batchnorm import BNStats, bn_stats_from_tensors, bn_stats_to_tensors, load_stats, pool_stats
 from shared.pruning import average_scores, compute_masks, masks_from_scores
+from shared.pruning.params import prunable_names
 from shared.pruning.scores import needs_data
 
 Tensors = dict[str, torch.Tensor]
@@ -48,9 +49,26 @@ def client_scores(ctx: RunContext, model: torch.nn.Module, score: str, clients: 
         cfg = config_record({p.SCORE: score, p.BATCHES: batches, p.SEED: ctx.client_seed(0, node)})
         return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: blob})})
 
-    _, replies = ctx.fleet.round(clients, p.SCORES, build, ctx.rng)
-    scores = [codec.decode(r.content[p.PAYLOAD][p.SCORE_TENSORS])[0] for r in replies]
-    return average_scores(scores, [r.num_examples for r in replies])
+    shapes = {n: tuple(w.shape) for n, w in model.named_parameters() if n in set(prunable_names(model))}
+    _, replies = ctx.fleet.round(clients, p.SCORES, build, ctx.rng, lambda r: check_scores(r, shapes))
+    return average_scores([r.decoded for r in replies], [r.num_examples for r in replies])
+
+
+def check_scores(reply: Reply, shapes: dict[str, tuple[int, ...]]) -> tuple[Tensors | None, str | None]:
+    """A client's scores (one finite float tensor per prunable weight, decoding bounded by their
+    size) and None, or None and why they are rejected."""
+    try:
+        scores, _ = codec.decode(reply.content[p.PAYLOAD][p.SCORE_TENSORS], max_bytes=8 * sum(map(math.prod, shapes.values())) + 65536)
+        if reply.num_examples <= 0:
+            return None, f"num-examples={reply.num_examples}"
+    except (KeyError, ValueError, TypeError) as exc:
+        return None, f"undecodable scores ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if set(scores) != set(shapes):
+        return None, f"scores for {sorted(set(scores) ^ set(shapes))[:3]} do not match the prunable weights"
+    for n, s in scores.items():
+        if tuple(s.shape) != shapes[n] or not s.is_floating_point() or not torch.isfinite(s).all():
+            return None, f"scores of {n} must be finite floats shaped {shapes[n]}"
+    return scores, None
 
 
 def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]:

@@ -172,3 +172,22 @@ def test_successive_halving_trains_candidates_and_picks_the_lowest_held_out_loss
     assert best is min(finalists, key=lambda c: c.stages[-1])
     assert (ctx.dense_bytes_up, ctx.dense_bytes_down) == dense  # the search is not billed to dense FedAvg
     assert ctx.fleet.traffic.up > 0 and not ctx.fleet.traffic.failures  # every node decoded every candidate
+
+
+def test_client_scores_reject_a_reply_with_non_finite_or_misshapen_scores():
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from server.fleet import Reply
+
+    def reply(scores, n=5):
+        content = RecordDict()
+        content[p.PAYLOAD] = ConfigRecord({p.SCORE_TENSORS: codec.encode(scores)})
+        content[p.METRICS] = MetricRecord({p.NUM_EXAMPLES: n})
+        return Reply(1, content, 0)
+
+    shapes = {"w": (2, 2)}
+    assert policy_search.check_scores(reply({"w": torch.ones(2, 2)}), shapes)[1] is None
+    assert "finite" in policy_search.check_scores(reply({"w": torch.full((2, 2), float("inf"))}), shapes)[1]
+    assert "finite" in policy_search.check_scores(reply({"w": torch.ones(4)}), shapes)[1]
+    assert "do not match" in policy_search.check_scores(reply({"v": torch.ones(2, 2)}), shapes)[1]
+    assert policy_search.check_scores(reply({"w": torch.ones(2, 2)}, n=0), shapes)[1] == "num-examples=0"
