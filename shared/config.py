@@ -183,7 +183,6 @@ def from_flat(flat: Mapping[str, Any]) -> Config:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    _discover(nested.get("method"), _split(nested.get("trusted", "")))
     for path in _list_fields():
         parent = nested
         for part in path[:-1]:
@@ -197,16 +196,16 @@ def _split(raw: Any) -> Any:
     return [s.strip() for s in raw.split(",") if s.strip()] if isinstance(raw, str) else raw
 
 
-def _walk(config: Config) -> Iterator[tuple[str, Any, dataclasses.Field]]:
-    """(dotted key, value, field) of every leaf: core keys, then each method section's."""
+def _walk(config: Config) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf: core keys, then each method section's."""
 
-    def walk(prefix: str, obj: Any) -> Iterator[tuple[str, Any, dataclasses.Field]]:
+    def walk(prefix: str, obj: Any) -> Iterator[tuple[str, Any]]:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 yield from walk(f"{prefix}{f.name}.", value)
             elif f.name != "sections" or prefix:
-                yield f"{prefix}{f.name}", value, f
+                yield f"{prefix}{f.name}", value
 
     yield from walk("", config)
     for name, section in config.sections.items():
@@ -227,7 +226,7 @@ def to_flat(config: Config) -> dict[str, Any]:
     user's method travel as one JSON string under `user_sections`.
     """
     builtin = dataclasses.replace(config, sections={n: v for n, v in config.sections.items() if _builtin(v)})
-    flat = {key: ",".join(v) if isinstance(v, list) else v for key, v, _ in _walk(builtin)}
+    flat = {key: ",".join(v) if isinstance(v, list) else v for key, v in _walk(builtin)}
     user = {n: dataclasses.asdict(v) for n, v in config.sections.items() if not _builtin(v)}
     flat[USER_SECTIONS] = json.dumps(user) if user else ""
     return flat
@@ -241,7 +240,7 @@ def to_yaml(config: Config) -> str:
 
 def _list_fields() -> list[tuple[str, ...]]:
     """Dotted paths of the list-valued keys (comma-joined in Flower's flat config)."""
-    return [tuple(key.split(".")) for key, value, _ in _walk(Config()) if isinstance(value, list)]
+    return [tuple(key.split(".")) for key, value in _walk(Config()) if isinstance(value, list)]
 
 
 def _load_yaml(path: Path):
