@@ -251,8 +251,12 @@ def plot(results: dict[Cell, dict], out: Path) -> list[Path]:
         for ax, d in zip(axes[0], panels):
             for m in methods:
                 curves = [_curve(metrics) for c, metrics in results.items() if c.method == m and (c.density == d or m == DENSE)]
-                if curves:
-                    rounds, acc, total = _mean_curve(curves)
+                if not curves:
+                    continue
+                rounds, acc, total = _mean_curve(curves)
+                if len(rounds) == 1:  # not federated (the centralized ceiling): one final figure, a line
+                    ax.axhline(acc[0], color=colors[m], linestyle=":", label=f"{m} (ceiling)")
+                else:
                     ax.plot(x_of(rounds, total), acc, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
             if log_x:
                 ax.set_xscale("log")
