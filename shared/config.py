@@ -13,6 +13,7 @@ methods' settings (e.g. for `fedtiny compare`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import json
 import math
@@ -262,14 +263,19 @@ def _build(layers: list, defaults: int = 0) -> Config:
         sections = {name: raw.pop(name) for name in list(raw) if name in SECTIONS}
         unknown = [k for k in raw if k not in _CORE or k == "sections"]
         if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}; see configs/default.yaml for valid keys")
+            raise ConfigError(_unknown_key(unknown[0]))
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
         for name, cls in SECTIONS.items():
-            merged = OmegaConf.merge(OmegaConf.structured(cls), sections.get(name, {}))
+            try:
+                merged = OmegaConf.merge(OmegaConf.structured(cls), sections.get(name, {}))
+            except OmegaConfBaseException as exc:
+                raise ConfigError(_one_line(exc, f"{name}.")) from None
             config.sections[name] = OmegaConf.to_object(merged)
         _fit_fleet(config, explicit)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
+    except ConfigError:
+        raise
     except ValueError as exc:  # an untrusted or broken package.module:Class method
         raise ConfigError(f"config key 'method': {str(exc).splitlines()[0]}") from None
     validate(config)
@@ -288,11 +294,20 @@ def _fit_fleet(config: Config, explicit) -> None:
             setattr(obj, key, min(getattr(obj, key), n))
 
 
-def _one_line(exc: OmegaConfBaseException) -> str:
+def _unknown_key(key: str) -> str:
+    """One line for an unknown key, with the closest valid keys ("did you mean")."""
+    known = [k for k, _ in _walk(Config())] + list(SECTIONS)
+    close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"unknown config key {key!r}; {hint}see configs/default.yaml for valid keys"
+
+
+def _one_line(exc: OmegaConfBaseException, section: str = "") -> str:
     key = getattr(exc, "full_key", None)
+    key = f"{section}{key}" if key else key
     message = str(exc).splitlines()[0]
     if "not in struct" in message or "Key '" in message and "not" in message:
-        return f"unknown config key {key!r}; see configs/default.yaml for valid keys"
+        return _unknown_key(str(key))
     if key:
         return f"config key {key!r}: {message}"
     return f"invalid config: {message}"

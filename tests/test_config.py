@@ -84,3 +84,19 @@ def test_cli_exits_2_on_missing_dataset_path(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "dataset.path" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "override, suggestion",
+    [("fl.round=5", "did you mean 'fl.rounds'"), ("seeed=1", "did you mean 'seed'"), ("fedtiny.alfa=0.1", "did you mean 'fedtiny.alpha'")],
+)
+def test_an_unknown_key_suggests_the_closest_valid_one(override, suggestion):
+    with pytest.raises(ConfigError, match=suggestion):
+        load_config(overrides=[override])
+
+
+def test_client_counts_follow_a_small_fleet_unless_set():
+    c = load_config(overrides=["fl.num_clients=4"])
+    assert (c.fl.clients_per_round, c.fedtiny.search_clients, c.snip.clients) == (4, 4, 4)
+    with pytest.raises(ConfigError, match="fl.clients_per_round"):
+        load_config(overrides=["fl.num_clients=4", "fl.clients_per_round=5"])
