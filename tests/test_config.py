@@ -100,3 +100,18 @@ def test_client_counts_follow_a_small_fleet_unless_set():
     assert (c.fl.clients_per_round, c.fedtiny.search_clients, c.snip.clients) == (4, 4, 4)
     with pytest.raises(ConfigError, match="fl.clients_per_round"):
         load_config(overrides=["fl.num_clients=4", "fl.clients_per_round=5"])
+
+
+def test_cli_takes_flags_anywhere_among_overrides_and_prints_the_resolved_config(capsys):
+    assert cli_main(["config", "fl.rounds=2", "--config", str(ROOT / "configs" / "tiny.yaml"), "fl.num_clients=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "rounds: 2" in printed and "num_clients: 3" in printed and "clients_per_round: 2" in printed
+
+
+def test_cli_version_and_stray_arguments(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("fedtiny ")
+    with pytest.raises(SystemExit) as done:
+        cli_main(["config", "--bogus"])
+    assert done.value.code == 2

@@ -16,14 +16,36 @@ from simulations.cli.common import EXIT_CONFIG
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedtiny", description="Federated pruning towards tiny models (FedTiny) on Flower.")
+    ap.add_argument("--version", action="version", version=f"fedtiny {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     for module in (run, export, deploy, compare):
         module.add_commands(sub)
     return ap
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedtiny")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments, with key=value overrides allowed anywhere among the flags."""
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        ap.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.func(args)
     except ConfigError as exc:

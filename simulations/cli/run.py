@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from shared import rundir
-from shared.config import Config, ConfigError, load_config
+from shared.config import Config, ConfigError, load_config, to_yaml
 from simulations.cli.common import fail, preflight, print_summary, with_output_dir
 
 
@@ -40,10 +40,19 @@ def resume_config(out: Path, overrides: list[str]) -> Config:
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `run` subcommand to the `fedtiny` parser."""
+    """Add the `run` and `config` subcommands to the `fedtiny` parser."""
     run = subparsers.add_parser("run", help="run a federated job in Flower's simulation engine")
     run.add_argument("--config", help="YAML file merged onto configs/default.yaml")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar")
     run.add_argument("--resume", metavar="OUTPUT_DIR", help="continue a crashed run from its last checkpoint")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pruning.density=0.01")
     run.set_defaults(func=_run)
+    cfg = subparsers.add_parser("config", help="print the resolved, validated config of a run (YAML)")
+    cfg.add_argument("--config", help="YAML file merged onto configs/default.yaml")
+    cfg.add_argument("overrides", nargs="*", help="key=value overrides")
+    cfg.set_defaults(func=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
