@@ -115,3 +115,33 @@ def test_cli_version_and_stray_arguments(capsys):
     with pytest.raises(SystemExit) as done:
         cli_main(["config", "--bogus"])
     assert done.value.code == 2
+
+
+def test_ctrl_c_during_a_run_is_one_line_naming_the_resume_command(capsys, monkeypatch, tmp_path):
+    from simulations.cli import launch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "simulate", interrupted)
+    assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"fedtiny: interrupted; continue from the last checkpoint with: fedtiny run --resume {tmp_path}"
+
+
+def test_sigterm_during_a_run_stops_it_like_ctrl_c(capsys, monkeypatch, tmp_path):
+    import os
+    import signal
+    import time
+
+    from simulations.cli import launch
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+
+    monkeypatch.setattr(launch, "simulate", terminated)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
+    assert "fedtiny run --resume" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -7,6 +7,7 @@ imports them. Configuration errors print one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from shared.config import ConfigError
@@ -44,8 +45,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (e.g. from `timeout`) stops a run like Ctrl-C: everything it started stops
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except ConfigError as exc:
@@ -54,3 +60,5 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"fedtiny: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_CONFIG
+    finally:
+        signal.signal(signal.SIGTERM, previous)

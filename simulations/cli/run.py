@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from shared import rundir
 from shared.config import Config, ConfigError, load_config, to_yaml
 from simulations.cli.common import fail, preflight, print_summary, with_output_dir
+
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -23,6 +26,9 @@ def _run(args: argparse.Namespace) -> int:
         metrics = simulate(config, out, progress=not args.no_progress)
     except RunFailed as exc:
         return fail(exc)
+    except KeyboardInterrupt:
+        print(f"\nfedtiny: interrupted; continue from the last checkpoint with: fedtiny run --resume {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print_summary(metrics, out)
     return 0
 
