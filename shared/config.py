@@ -116,8 +116,7 @@ def register_method(name: str, section: str | None = None, settings: type | None
 
 
 def _default_sections() -> dict[str, Any]:
-    _discover()
-    return {name: cls() for name, cls in SECTIONS.items()}
+    return {name: cls() for name, cls in _discover().items()}
 
 
 @dataclass
@@ -148,11 +147,19 @@ class Config:
 _CORE = {f.name for f in dataclasses.fields(Config)}
 
 
-def _discover(method: str | None = None, trusted: Iterable[str] = ()) -> None:
-    """Register the built-in methods' sections, and a user's `package.module:Class` method's."""
+def _discover(method: str | None = None, trusted: Iterable[str] = ()) -> dict[str, type]:
+    """The sections of a config: every built-in method's, plus a user's `package.module:Class` method's.
+
+    A user method's section belongs to the configs that name that method only, although its
+    registration stays for the process.
+    """
     plugins = importlib.import_module(BUILTIN_METHODS)
+    sections = {name: cls for name, cls in SECTIONS.items() if _builtin(cls)}
     if method and ":" in method:
-        plugins.load(method, trusted)  # registers its section
+        cls = plugins.load(method, trusted)
+        if cls.Settings is not None:
+            sections[cls.section] = cls.Settings
+    return sections
 
 
 def load_config(file: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -216,8 +223,8 @@ def _walk(config: Config) -> Iterator[tuple[str, Any]]:
 USER_SECTIONS = "user_sections"  # flat key: JSON of the sections of methods outside server.methods
 
 
-def _builtin(section: Any) -> bool:
-    return type(section).__module__.startswith(BUILTIN_METHODS + ".")
+def _builtin(settings: type) -> bool:
+    return settings.__module__.startswith(BUILTIN_METHODS + ".")
 
 
 def to_flat(config: Config) -> dict[str, Any]:
@@ -226,9 +233,9 @@ def to_flat(config: Config) -> dict[str, Any]:
     Flower accepts only the keys of the app's own config (pyproject.toml), so the sections of a
     user's method travel as one JSON string under `user_sections`.
     """
-    builtin = dataclasses.replace(config, sections={n: v for n, v in config.sections.items() if _builtin(v)})
+    builtin = dataclasses.replace(config, sections={n: v for n, v in config.sections.items() if _builtin(type(v))})
     flat = {key: ",".join(v) if isinstance(v, list) else v for key, v in _walk(builtin)}
-    user = {n: dataclasses.asdict(v) for n, v in config.sections.items() if not _builtin(v)}
+    user = {n: dataclasses.asdict(v) for n, v in config.sections.items() if not _builtin(type(v))}
     flat[USER_SECTIONS] = json.dumps(user) if user else ""
     return flat
 
@@ -259,19 +266,20 @@ def _build(layers: list, defaults: int = 0) -> Config:
         raw = OmegaConf.merge(*layers)
         explicit = OmegaConf.merge({}, *layers[defaults:])
         method, trusted = raw.get("method"), list(raw.get("trusted") or [])
-        _discover(method if isinstance(method, str) else None, trusted)
-        sections = {name: raw.pop(name) for name in list(raw) if name in SECTIONS}
+        active = _discover(method if isinstance(method, str) else None, trusted)
+        sections = {name: raw.pop(name) for name in list(raw) if name in active}
         unknown = [k for k in raw if k not in _CORE or k == "sections"]
         if unknown:
             raise ConfigError(_unknown_key(unknown[0]))
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), raw))
-        for name, cls in SECTIONS.items():
+        config.sections = {}
+        for name, cls in active.items():
             try:
                 merged = OmegaConf.merge(OmegaConf.structured(cls), sections.get(name, {}))
             except OmegaConfBaseException as exc:
                 raise ConfigError(_one_line(exc, f"{name}.")) from None
             config.sections[name] = OmegaConf.to_object(merged)
-        _fit_fleet(config, explicit)
+        _fit_fleet(config, explicit, active)
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
     except ConfigError:
@@ -282,11 +290,11 @@ def _build(layers: list, defaults: int = 0) -> Config:
     return config
 
 
-def _fit_fleet(config: Config, explicit) -> None:
+def _fit_fleet(config: Config, explicit, sections: Mapping[str, type]) -> None:
     """Client counts the user did not set follow the fleet: at most `fl.num_clients` (a set one is validated)."""
     n = config.fl.num_clients
     keys = [("fl", "clients_per_round")] + [
-        (name, key) for name, cls in SECTIONS.items() for key in getattr(cls, "FLEET_BOUND", ())
+        (name, key) for name, cls in sections.items() for key in getattr(cls, "FLEET_BOUND", ())
     ]
     for section, key in keys:
         if OmegaConf.select(explicit, f"{section}.{key}") is None:
@@ -296,7 +304,7 @@ def _fit_fleet(config: Config, explicit) -> None:
 
 def _unknown_key(key: str) -> str:
     """One line for an unknown key, with the closest valid keys ("did you mean")."""
-    known = [k for k, _ in _walk(Config())] + list(SECTIONS)
+    known = [k for k, _ in _walk(Config())] + list(_discover())
     close = difflib.get_close_matches(key, known, n=2, cutoff=0.75)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     return f"unknown config key {key!r}; {hint}see configs/default.yaml for valid keys"

@@ -10,7 +10,7 @@ from fake_grid import FakeGrid
 from helpers import run_context, tiny_config
 from server import methods
 from server.loop import run_training
-from shared.config import ConfigError
+from shared.config import ConfigError, from_flat, to_flat
 
 SPEC = "example_method:RandomRegrowth"
 
@@ -45,3 +45,10 @@ def test_a_bad_movement_report_is_refused():
 
     assert "finite" in check_moved(codec.encode({"w": torch.tensor([float("nan")])}), masks)
     assert check_moved(codec.encode({"w": torch.tensor([0.5])}), masks) == {"w": 0.5}
+
+
+def test_a_users_section_belongs_only_to_configs_that_name_its_method(tmp_path):
+    tiny_config(tmp_path, f"method={SPEC}", "trusted=[example_method]")  # registers the section
+    plain = tiny_config(tmp_path)
+    assert "regrow" not in plain.sections and to_flat(plain)["user_sections"] == ""
+    assert from_flat(to_flat(plain)) == plain
