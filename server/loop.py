@@ -7,6 +7,7 @@ round (FedTiny's progressive prune/grow, PruneFL's re-masking, ...).
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,7 +17,6 @@ from server import checkpoint
 from server.context import RunContext
 from server.fleet import Reply, config_record
 from server.global_model import GlobalModel
-from typing import TYPE_CHECKING
 from server.recorder import RoundRecord
 from shared import codec, protocol as p
 from shared.training import LR_SCHEDULES
