@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The regime grid (README "FedTiny's regime"), one cell at a time; after each cell the table, plots and the cell's metrics.json
-# Usage: METHOD_LIST="fedtiny synflow ..." DENSITY=0.003 SEEDS=0 simulations/regime_grid.sh (log: /tmp/grid.log)
 # are copied to simulations/results/regime/ and committed.
+# Usage: METHOD_LIST="fedtiny synflow ..." DENSITY=0.003 SEEDS=0 simulations/regime_grid.sh (log: /tmp/grid.log)
 cd "$(dirname "$0")/.."
 OUT=outputs/regime
 RES=simulations/results/regime
