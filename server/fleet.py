@@ -205,6 +205,11 @@ def config_record(values: dict) -> ConfigRecord:
     return ConfigRecord({k: v for k, v in values.items() if v is not None})
 
 
+def error_line(exc: BaseException) -> str:
+    """An exception as one line for a rejection reason: its first line, or its type when it has no message."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else "client error"

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from server import checkpoint
 from server.context import RunContext
-from server.fleet import Reply, config_record
+from server.fleet import Reply, config_record, error_line
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
 from shared import codec, protocol as p
@@ -49,7 +49,7 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
         num_examples = reply.num_examples
         tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes(), base=gm.state)
     except (KeyError, ValueError, TypeError) as exc:
-        return None, f"undecodable update ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return None, f"undecodable update ({error_line(exc)})"
     if set(tensors) != set(gm.state):
         return None, f"layer names differ from the global model: {sorted(set(tensors) ^ set(gm.state))[:3]}"
     for name, value in tensors.items():

@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, RecordDict
 from server import loop
 from server.context import RunContext
 from server.global_model import GlobalModel
-from server.fleet import Reply, config_record
+from server.fleet import Reply, config_record, error_line
 from shared import codec, protocol as p
 from shared.batchnorm import BNStats, bn_stats_from_tensors, bn_stats_to_tensors, load_stats, pool_stats
 from shared.pruning import average_scores, compute_masks, masks_from_scores
@@ -62,7 +62,7 @@ def check_scores(reply: Reply, shapes: dict[str, tuple[int, ...]]) -> tuple[Tens
         if reply.num_examples <= 0:
             return None, f"num-examples={reply.num_examples}"
     except (KeyError, ValueError, TypeError) as exc:
-        return None, f"undecodable scores ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return None, f"undecodable scores ({error_line(exc)})"
     if set(scores) != set(shapes):
         return None, f"scores for {sorted(set(scores) ^ set(shapes))[:3]} do not match the prunable weights"
     for n, s in scores.items():
