@@ -27,7 +27,7 @@ from server.global_model import GlobalModel
 from server.methods.base import Method, register
 from shared.data import batches
 from shared.partition import client_data
-from shared.pruning import apply_masks, full_masks, masks_from_scores
+from shared.pruning import apply_masks, full_masks, shrink_by_magnitude
 from shared.pruning.schedule import gradual_density
 from shared.training import LR_SCHEDULES
 
@@ -106,10 +106,7 @@ class Centralized(Method):
     @staticmethod
     def shrink(model: torch.nn.Module, masks: dict, density: float, dense: list[str], seed: int) -> dict:
         """Global magnitude masks at `density` among still-kept weights (masks only shrink)."""
-        params = dict(model.named_parameters())
-        scores = {n: torch.where(m, params[n].detach().abs(), torch.full_like(m, -torch.inf, dtype=params[n].dtype))
-                  for n, m in masks.items()}
-        new = masks_from_scores(scores, density, "global", seed, keep_dense=dense)
+        new = shrink_by_magnitude(dict(model.named_parameters()), masks, density, seed, dense)
         apply_masks(model, new)
         return new
 

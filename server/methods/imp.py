@@ -18,13 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import Method, register
-from shared.pruning import full_masks, masks_from_scores
+from shared.pruning import full_masks, shrink_by_magnitude
 
 
 @dataclass
@@ -72,8 +70,7 @@ class IMP(Method):
             return
         step = self.schedule.index(t) + 1
         target = step_density(ctx.config.pruning.density, step, len(self.schedule))
-        scores = {n: torch.where(m, gm.state[n].abs(), torch.full_like(gm.state[n], -torch.inf)) for n, m in gm.masks.items()}
-        gm.set_masks(masks_from_scores(scores, target, "global", ctx.config.seed, keep_dense=self.dense))
+        gm.set_masks(shrink_by_magnitude(gm.state, gm.masks, target, ctx.config.seed, self.dense))
         ctx.recorder.note(f"imp: round {t} pruned to density {gm.density:.4f}")
 
     def phase(self, t: int) -> str:

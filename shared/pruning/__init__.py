@@ -28,6 +28,7 @@ __all__ = [
     "keep_top",
     "layer_densities",
     "masks_from_scores",
+    "shrink_by_magnitude",
     "prunable_names",
 ]
 
@@ -89,3 +90,13 @@ def compute_masks(
         scores = {n: torch.where(masks[n], s, torch.full_like(s, -torch.inf)) for n, s in scores.items()}
         masks = masks_from_scores(scores, density ** (i / synflow_iterations), allocation, seed, keep_dense)
     return masks
+
+
+def shrink_by_magnitude(
+    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], density: float, seed: int = 0,
+    keep_dense: Collection[str] = (),
+) -> dict[str, Tensor]:
+    """Global magnitude masks at `density` among the still-kept weights: masks only shrink
+    (iterative and gradual magnitude pruning: IMP, the centralized ceiling)."""
+    scores = {n: torch.where(m, weights[n].detach().abs(), torch.full_like(weights[n], -torch.inf)) for n, m in masks.items()}
+    return masks_from_scores(scores, density, "global", seed, keep_dense=keep_dense)
