@@ -105,6 +105,24 @@ def test_outputs_are_written_from_metrics(tmp_path):
         assert tmp_path / name in paths and (tmp_path / name).stat().st_size > 0
 
 
+def test_report_only_tabulates_the_finished_cells_and_runs_nothing(tmp_path, monkeypatch):
+    (tmp_path / "snip-d0.05-s0").mkdir()
+    (tmp_path / "snip-d0.05-s0" / "metrics.json").write_text(json.dumps(_metrics(0.8)))
+    monkeypatch.setattr("simulations.cli.launch.simulate", lambda *a, **k: pytest.fail("--report-only ran a cell"))
+    args = ["compare", "--report-only", "--methods", "snip,synflow", "--densities", "0.05", "--seeds", "0,1",
+            "--config", TINY, f"output_dir={tmp_path}"]
+    assert main(args) == 0
+    with open(tmp_path / "comparison.csv") as f:
+        assert [(r["method"], r["seed"]) for r in csv.DictReader(f)] == [("snip", "0")]
+
+
+def test_report_only_without_a_finished_cell_says_so(tmp_path, capsys):
+    args = ["compare", "--report-only", "--methods", "snip", "--densities", "0.05", "--config", TINY,
+            f"output_dir={tmp_path}"]
+    assert main(args) == 2
+    assert "no finished cell" in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_compare_runs_two_cells_in_simulation_then_resumes(tmp_path):
     args = ["compare", "--methods", "fedavg,synflow", "--densities", "0.05", "--seeds", "0",

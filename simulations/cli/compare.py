@@ -322,6 +322,10 @@ def _compare(args: argparse.Namespace) -> int:
     out = Path(base.output_dir or DEFAULT_OUTPUT_DIR).expanduser().resolve()
     overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
     cells = grid(methods, densities, seeds)
+    if args.report_only:
+        cells = [c for c in cells if finished(out / c.name) is not None]
+        if not cells:
+            raise ConfigError(f"no finished cell of this grid in {out}; run it without --report-only first")
     preflight(base)
     results, failures = run_grid(
         cells, out, args.config, overrides, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False)
@@ -342,5 +346,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--densities", default="0.01,0.05", help="comma-separated target densities (fedavg runs dense once per seed)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp.add_argument("--config", help="YAML file merged onto configs/default.yaml")
+    cmp.add_argument("--report-only", action="store_true",
+                     help="run nothing: write the table and plots from the grid's finished cells (a grid run in parts)")
     cmp.add_argument("overrides", nargs="*", help="key=value overrides for every run; output_dir= is the grid's folder")
     cmp.set_defaults(func=_compare)
