@@ -33,10 +33,15 @@ Sparse top-k payload (`encode_sparse`)::
 A payload may be wrapped as ``b"FTZ" | version u8 | raw length u64 | zlib stream`` (`deflate`)
 when that is smaller.
 
-Every malformed input makes `decode` / `decode_sparse` raise `ValueError`.
+Decoding is bounded by what the receiver expects. Every decode entry point (`decode`,
+`decode_sparse`, `decode_variants`, `decode_mask`, `load`, `inflate`) takes that expectation
+(`expected`: names, shapes and dtypes, e.g. `expect(global_state)`; or a `max_elements` budget)
+and checks each entry's header against it before allocating, and a deflated payload inflates no
+further than that layout takes. Every malformed, truncated, oversize or unexpected input raises
+`DecodeError` (a `ValueError`), and no other exception.
 
 Modules, one job each: `binary` (format constants, dtype codes, tensor bytes, varints, the
-bounds-checked reader), `masks` (mask encodings), `transforms` (delta coding, byte shuffle),
+bounds-checked reader, `DecodeError`), `expect` (what a receiver expects, the decode budget), `masks` (mask encodings), `transforms` (delta coding, byte shuffle),
 `dense` (`encode` / `decode`), `compression` (`deflate` / `inflate`), `sparse` (top-k),
 `variants` (masked variants of one state) and `files` (`save` / `load`). Import from
 `shared.codec`: it re-exports the public API.
@@ -44,9 +49,10 @@ bounds-checked reader), `masks` (mask encodings), `transforms` (delta coding, by
 
 from __future__ import annotations
 
-from shared.codec.binary import MAGIC, MAX_NDIM, SPARSE_MAGIC, VERSION
+from shared.codec.binary import MAGIC, MAX_NDIM, SPARSE_MAGIC, VERSION, DecodeError
 from shared.codec.compression import DEFLATE_MAGIC, MAX_INFLATED, deflate, inflate
 from shared.codec.dense import MAX_MASKED_NUMEL, decode, encode
+from shared.codec.expect import FLOAT_DTYPES, MAX_ELEMENTS, Expected, expect
 from shared.codec.files import load, save
 from shared.codec.masks import MaskEncoding, decode_mask, encode_mask
 from shared.codec.sparse import decode_sparse, encode_sparse
@@ -58,12 +64,16 @@ from shared.codec.masks import _gaps  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DEFLATE_MAGIC",
+    "FLOAT_DTYPES",
     "MAGIC",
+    "MAX_ELEMENTS",
     "MAX_INFLATED",
     "MAX_MASKED_NUMEL",
     "MAX_NDIM",
     "SPARSE_MAGIC",
     "VERSION",
+    "DecodeError",
+    "Expected",
     "MaskEncoding",
     "decode",
     "decode_mask",
@@ -74,6 +84,7 @@ __all__ = [
     "encode_mask",
     "encode_sparse",
     "encode_variants",
+    "expect",
     "inflate",
     "load",
     "save",

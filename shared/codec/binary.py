@@ -1,8 +1,11 @@
-"""Binary primitives of the codec: format constants, dtype codes, tensor bytes, varints, the bounds-checked reader."""
+"""Binary primitives of the codec: format constants, dtype codes, tensor bytes, varints, the bounds-checked
+reader, and `DecodeError`, the one exception every decode raises."""
 
 from __future__ import annotations
 
+import functools
 import struct
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +20,30 @@ _U8 = struct.Struct("<B")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+
+F = TypeVar("F", bound=Callable)
+
+
+class DecodeError(ValueError):
+    """Bytes that do not decode to what the receiver expects: malformed, truncated, oversize, or
+    naming tensors, shapes or dtypes it did not ask for. The only exception a decode raises."""
+
+
+def decode_errors(fn: F) -> F:
+    """Make `fn` raise only `DecodeError`: any other failure while decoding bytes from outside
+    (struct, index, allocation, unicode, zlib errors, ...) becomes one, with its first line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001  the point: nothing else reaches the caller
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            raise DecodeError(f"malformed payload ({type(exc).__name__}{': ' + text if text else ''})") from exc
+
+    return wrapper  # type: ignore[return-value]
 
 # dtype code -> (torch dtype, little-endian numpy dtype of its bytes)
 _DTYPES: dict[int, tuple[torch.dtype, str]] = {
@@ -89,16 +116,16 @@ def _varint_encode(values: np.ndarray) -> bytes:
 
 
 def _varint_decode(buf: bytes | memoryview, max_bytes_per_value: int = 5) -> np.ndarray:
-    """Decode a run of unsigned LEB128 values (vectorised); ValueError when malformed."""
+    """Decode a run of unsigned LEB128 values (vectorised); DecodeError when malformed."""
     raw = np.frombuffer(buf, dtype=np.uint8)
     if raw.size == 0:
         return np.zeros(0, dtype=np.uint64)
     ends = np.flatnonzero((raw & 0x80) == 0)
     if ends.size == 0 or ends[-1] != raw.size - 1:
-        raise ValueError("varint indices are truncated: the last byte has its continuation bit set")
+        raise DecodeError("varint indices are truncated: the last byte has its continuation bit set")
     lengths = np.diff(np.concatenate(([-1], ends)))
     if lengths.max() > max_bytes_per_value:
-        raise ValueError(f"varint index longer than {max_bytes_per_value} bytes: the mask bytes are corrupt")
+        raise DecodeError(f"varint index longer than {max_bytes_per_value} bytes: the mask bytes are corrupt")
     position = np.arange(raw.size) - np.repeat(ends - lengths + 1, lengths)
     parts = (raw & 0x7F).astype(np.uint64) << (7 * position).astype(np.uint64)
     return np.add.reduceat(parts, ends - lengths + 1)
@@ -108,7 +135,7 @@ def _varint_decode(buf: bytes | memoryview, max_bytes_per_value: int = 5) -> np.
 
 
 class _Reader:
-    """Bounds-checked cursor over bytes: every overrun is a ValueError, never a struct.error."""
+    """Bounds-checked cursor over bytes: every overrun is a DecodeError, never a struct.error."""
 
     def __init__(self, data: bytes) -> None:
         self.view = memoryview(data)
@@ -120,7 +147,7 @@ class _Reader:
 
     def take(self, n: int, what: str) -> memoryview:
         if n < 0 or n > self.remaining:
-            raise ValueError(f"payload truncated: {what} needs {n} bytes at offset {self.pos}, {self.remaining} left")
+            raise DecodeError(f"payload truncated: {what} needs {n} bytes at offset {self.pos}, {self.remaining} left")
         chunk = self.view[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -133,35 +160,35 @@ class _Reader:
         try:
             return bytes(raw).decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"entry name at offset {self.pos - len(raw)} is not valid utf-8") from None
+            raise DecodeError(f"entry name at offset {self.pos - len(raw)} is not valid utf-8") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         ndim = self.unpack(_U8, f"{name!r} ndim")
         if ndim > MAX_NDIM:
-            raise ValueError(f"tensor {name!r} claims {ndim} dimensions, more than {MAX_NDIM}")
+            raise DecodeError(f"tensor {name!r} claims {ndim} dimensions, more than {MAX_NDIM}")
         return tuple(self.unpack(_U32, f"{name!r} shape") for _ in range(ndim))
 
 
 def _read_header(reader: _Reader, magic: bytes, max_bytes: int | None, min_entry: int) -> int:
     if max_bytes is not None and len(reader.view) > max_bytes:
-        raise ValueError(f"payload of {len(reader.view)} bytes exceeds max_bytes={max_bytes}")
+        raise DecodeError(f"payload of {len(reader.view)} bytes exceeds max_bytes={max_bytes}")
     if reader.remaining < _HEADER.size:
-        raise ValueError(f"payload of {reader.remaining} bytes is shorter than the {_HEADER.size}-byte header")
+        raise DecodeError(f"payload of {reader.remaining} bytes is shorter than the {_HEADER.size}-byte header")
     got_magic, version, count = _HEADER.unpack(reader.take(_HEADER.size, "header"))
     if got_magic != magic:
         other = {MAGIC: "decode", SPARSE_MAGIC: "decode_sparse"}.get(got_magic)
         hint = f" (this is a {other} payload)" if other else ""
-        raise ValueError(f"bad magic {got_magic!r}, expected {magic!r}{hint}")
+        raise DecodeError(f"bad magic {got_magic!r}, expected {magic!r}{hint}")
     if version != VERSION:
-        raise ValueError(f"unsupported codec version {version}; this build reads version {VERSION}")
+        raise DecodeError(f"unsupported codec version {version}; this build reads version {VERSION}")
     if count * min_entry > reader.remaining:
-        raise ValueError(f"header claims {count} entries but only {reader.remaining} bytes follow")
+        raise DecodeError(f"header claims {count} entries but only {reader.remaining} bytes follow")
     return count
 
 
 def _check_name(name: str, seen: set[str]) -> None:
     if name in seen:
-        raise ValueError(f"entry {name!r} appears twice in the payload")
+        raise DecodeError(f"entry {name!r} appears twice in the payload")
     seen.add(name)
 
 

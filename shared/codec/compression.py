@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from shared.codec.binary import VERSION
+from shared.codec.binary import VERSION, DecodeError, decode_errors
 
 DEFLATE_MAGIC = b"FTZ"
 MAX_INFLATED = 2**31
@@ -25,23 +25,32 @@ def deflate(raw: bytes) -> bytes:
     return _DEFLATE_HEADER.pack(DEFLATE_MAGIC, VERSION, len(raw)) + packed
 
 
-def inflate(data: bytes, max_bytes: int | None = None) -> bytes:
-    """Undo `deflate` (other payloads pass through); a bomb or a corrupt stream raises ValueError."""
+@decode_errors
+def inflate(data: bytes, max_bytes: int | None = None, limit: int | None = None) -> bytes:
+    """Undo `deflate` (other payloads pass through); a bomb or a corrupt stream raises DecodeError.
+
+    At most `limit` bytes are inflated (and at most 64 x `max_bytes`, and `MAX_INFLATED`): the
+    stated size is checked against it before inflating, and zlib is asked for no more than the
+    stated size (`max_length`), so a stream that would inflate further is refused, not inflated.
+    """
     if data[:3] != DEFLATE_MAGIC:
         return data
     if len(data) < _DEFLATE_HEADER.size:
-        raise ValueError("truncated compressed payload header")
+        raise DecodeError("truncated compressed payload header")
     _, version, size = _DEFLATE_HEADER.unpack_from(data)
     if version != VERSION:
-        raise ValueError(f"unsupported compressed payload version {version} (expected {VERSION})")
-    limit = MAX_INFLATED if max_bytes is None else min(MAX_INFLATED, 64 * max_bytes)
-    if size > limit:
-        raise ValueError(f"compressed payload claims {size} bytes, over the limit of {limit}")
+        raise DecodeError(f"unsupported compressed payload version {version} (expected {VERSION})")
+    bound = min(MAX_INFLATED, 64 * max_bytes if max_bytes is not None else MAX_INFLATED,
+                limit if limit is not None else MAX_INFLATED)
+    if size > bound:
+        raise DecodeError(f"compressed payload claims {size} bytes, over the limit of {bound}")
+    if size == 0:  # zlib reads max_length=0 as "no limit"; `deflate` never wraps an empty payload
+        raise DecodeError("compressed payload claims 0 bytes")
     inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(data[_DEFLATE_HEADER.size:], size)
+        raw = inflater.decompress(memoryview(data)[_DEFLATE_HEADER.size:], size)
     except zlib.error as exc:
-        raise ValueError(f"corrupt compressed payload ({exc})") from None
+        raise DecodeError(f"corrupt compressed payload ({exc})") from None
     if len(raw) != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-        raise ValueError(f"compressed payload does not inflate to its stated {size} bytes")
+        raise DecodeError(f"compressed payload does not inflate to its stated {size} bytes")
     return raw

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Collection, Mapping
 
 import torch
@@ -16,6 +15,7 @@ from shared.codec.binary import (
     _U64,
     MAGIC,
     VERSION,
+    DecodeError,
     _bytes_tensor,
     _check_name,
     _dtype_code,
@@ -25,8 +25,10 @@ from shared.codec.binary import (
     _read_header,
     _Reader,
     _tensor_bytes,
+    decode_errors,
 )
 from shared.codec.compression import deflate, inflate
+from shared.codec.expect import Budget, Expected
 from shared.codec.masks import decode_mask, encode_mask
 from shared.codec.transforms import _delta_base_fits, _reference_bytes, _shuffle_if_smaller, _unshuffle, _xor
 
@@ -128,46 +130,49 @@ def _encode_raw(
 
 def _known_mask(masks: Mapping[str, torch.Tensor] | None, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     if masks is None or name not in masks:
-        raise ValueError(f"payload has masked tensor {name!r} without its mask; pass the receiver's mask for it")
+        raise DecodeError(f"payload has masked tensor {name!r} without its mask; pass the receiver's mask for it")
     mask = masks[name]
     if mask.dtype != torch.bool or tuple(mask.shape) != shape:
         got = f"{mask.dtype} {tuple(mask.shape)}"
-        raise ValueError(f"receiver mask for {name!r} must be bool of shape {shape}, got {got}")
+        raise DecodeError(f"receiver mask for {name!r} must be bool of shape {shape}, got {got}")
     return mask.detach().cpu()
 
 
 def _decode_entry(
-    reader: _Reader, masks: Mapping[str, torch.Tensor] | None, name: str, base: Mapping[str, torch.Tensor]
+    reader: _Reader, masks: Mapping[str, torch.Tensor] | None, name: str, base: Mapping[str, torch.Tensor],
+    budget: Budget,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     code, wire = reader.unpack(_U8, f"{name!r} dtype"), reader.unpack(_U8, f"{name!r} wire dtype")
     for c in (code, wire):
         if c not in _DTYPES:
-            raise ValueError(f"tensor {name!r} has unknown dtype code {c}")
+            raise DecodeError(f"tensor {name!r} has unknown dtype code {c}")
     shape = reader.shape(name)
+    numel = budget.entry(name, code, shape)  # before anything of this entry is allocated
     flags = reader.unpack(_U8, f"{name!r} flags")
     masked, included = bool(flags & _FLAG_MASKED), bool(flags & _FLAG_MASK_INCLUDED)
     if flags & ~_KNOWN_FLAGS or (included and not masked) or (not included and flags & _ENCODING_BITS):
-        raise ValueError(f"tensor {name!r} has invalid flags {flags:#04x}")
+        raise DecodeError(f"tensor {name!r} has invalid flags {flags:#04x}")
     if flags & _FLAG_DELTA and not (_DTYPES[code][0].is_floating_point and _delta_base_fits(base.get(name), shape)):
-        raise ValueError(f"tensor {name!r} is delta-coded but the receiver holds no floating tensor of shape {shape} for it")
+        raise DecodeError(f"tensor {name!r} is delta-coded but the receiver holds no floating tensor of shape {shape} for it")
     mask_len = reader.unpack(_U32, f"{name!r} mask length") if included else 0
     payload_len = reader.unpack(_U64, f"{name!r} payload length")
     if payload_len > reader.remaining:
-        raise ValueError(f"tensor {name!r} claims {payload_len} payload bytes but only {reader.remaining} remain")
+        raise DecodeError(f"tensor {name!r} claims {payload_len} payload bytes but only {reader.remaining} remain")
     if mask_len > payload_len:
-        raise ValueError(f"tensor {name!r} claims a {mask_len}-byte mask inside a {payload_len}-byte payload")
-    numel = math.prod(shape)
+        raise DecodeError(f"tensor {name!r} claims a {mask_len}-byte mask inside a {payload_len}-byte payload")
     torch_dtype = _DTYPES[code][0]
     if not masked:
         if wire != code:
-            raise ValueError(f"unmasked tensor {name!r} has a wire dtype that differs from its dtype")
+            raise DecodeError(f"unmasked tensor {name!r} has a wire dtype that differs from its dtype")
         needed = numel * _itemsize(code)
         if needed != payload_len:
-            raise ValueError(f"tensor {name!r} of shape {shape} needs {needed} bytes, payload has {payload_len}")
+            raise DecodeError(f"tensor {name!r} of shape {shape} needs {needed} bytes, payload has {payload_len}")
         values = _unpack_values(reader.take(payload_len, name), flags, code, base.get(name), None)
         return _bytes_tensor(values, code).reshape(shape), None
+    if wire != code and not (torch_dtype.is_floating_point and _DTYPES[wire][0].is_floating_point):
+        raise DecodeError(f"masked tensor {name!r} of {torch_dtype} travels as {_DTYPES[wire][0]}")
     if numel > MAX_MASKED_NUMEL:
-        raise ValueError(f"masked tensor {name!r} claims shape {shape}: more than {MAX_MASKED_NUMEL} elements")
+        raise DecodeError(f"masked tensor {name!r} claims shape {shape}: more than {MAX_MASKED_NUMEL} elements")
     if included:
         mask = decode_mask((flags & _ENCODING_BITS) >> _ENCODING_SHIFT, reader.take(mask_len, f"{name!r} mask"), shape)
     else:
@@ -176,7 +181,7 @@ def _decode_entry(
     values_len = payload_len - mask_len
     needed = nnz * _itemsize(wire)
     if needed != values_len:
-        raise ValueError(f"tensor {name!r}: mask keeps {nnz} values ({needed} bytes), payload has {values_len}")
+        raise DecodeError(f"tensor {name!r}: mask keeps {nnz} values ({needed} bytes), payload has {values_len}")
     raw = _unpack_values(reader.take(values_len, f"{name!r} values"), flags, wire, base.get(name), mask.reshape(-1))
     values = _bytes_tensor(raw, wire)
     flat = torch.zeros(numel, dtype=torch_dtype)
@@ -195,33 +200,45 @@ def _unpack_values(
     return data
 
 
+@decode_errors
 def decode(
     data: bytes,
     masks: Mapping[str, torch.Tensor] | None = None,
     max_bytes: int | None = None,
     base: Mapping[str, torch.Tensor] | None = None,
+    *,
+    expected: Expected | None = None,
+    max_elements: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inverse of `encode`: (tensors, masks of the masked tensors); masked-off values are 0.
 
     Masks not in the payload are taken from `masks` (the receiver's copy); delta-coded values
-    are restored against `base` (what the sender coded them against). Any malformed,
-    truncated or oversize (`len(data) > max_bytes`) input raises ValueError.
+    are restored against `base` (what the sender coded them against).
+
+    What may be decoded is bounded before it is allocated: with `expected` (name -> (shape,
+    dtype or dtypes), see `expect`) each entry must be one of those names, shapes and dtypes
+    (fewer entries are allowed; the caller checks completeness), and a deflated payload may not
+    inflate past what that layout takes; without it, all entries together hold at most
+    `max_elements` (default `MAX_ELEMENTS`). Any malformed, truncated, unexpected or oversize
+    (`len(data) > max_bytes`) input raises `DecodeError`, and nothing else.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ValueError(f"decode expects bytes, got {type(data).__name__}")
+        raise DecodeError(f"decode expects bytes, got {type(data).__name__}")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ValueError(f"payload of {len(data)} bytes is over max_bytes={max_bytes}")
-    reader = _Reader(inflate(bytes(data), max_bytes))
+        raise DecodeError(f"payload of {len(data)} bytes is over max_bytes={max_bytes}")
+    budget = Budget(expected, max_elements)
+    reader = _Reader(inflate(bytes(data), max_bytes, limit=budget.raw_bytes()))
     count = _read_header(reader, MAGIC, None, min_entry=2 + 3 + 1 + 8)
+    budget.entries(count)
     tensors: dict[str, torch.Tensor] = {}
     out_masks: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for _ in range(count):
         name = reader.name()
         _check_name(name, seen)
-        tensors[name], mask = _decode_entry(reader, masks, name, base or {})
+        tensors[name], mask = _decode_entry(reader, masks, name, base or {}, budget)
         if mask is not None:
             out_masks[name] = mask
     if reader.remaining:
-        raise ValueError(f"{reader.remaining} unexpected bytes after the last entry")
+        raise DecodeError(f"{reader.remaining} unexpected bytes after the last entry")
     return tensors, out_masks

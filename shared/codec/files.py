@@ -8,7 +8,9 @@ from typing import Mapping
 
 import torch
 
+from shared.codec.binary import DecodeError
 from shared.codec.dense import decode, encode
+from shared.codec.expect import Expected
 
 
 def save(
@@ -38,8 +40,22 @@ def save(
 
 
 def load(
-    path: str | os.PathLike, max_bytes: int | None = None
+    path: str | os.PathLike,
+    max_bytes: int | None = None,
+    *,
+    expected: Expected | None = None,
+    max_elements: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Read a file written by `save`: (tensors, masks)."""
+    """Read a file written by `save`: (tensors, masks), bounded like `decode`.
+
+    A file over `max_bytes` is refused before it is read; a corrupt one raises `DecodeError`
+    naming the file (a missing one, the usual OSError).
+    """
     with open(path, "rb") as f:
-        return decode(f.read(), max_bytes=max_bytes)
+        if max_bytes is not None and os.fstat(f.fileno()).st_size > max_bytes:
+            raise DecodeError(f"{path}: {os.fstat(f.fileno()).st_size} bytes, over max_bytes={max_bytes}")
+        data = f.read()
+    try:
+        return decode(data, max_bytes=max_bytes, expected=expected, max_elements=max_elements)
+    except DecodeError as exc:
+        raise DecodeError(f"{path}: {exc}") from None

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from shared.codec.binary import _varint_decode, _varint_encode
+from shared.codec.binary import DecodeError, _varint_decode, _varint_encode, decode_errors
 
 
 class MaskEncoding(enum.IntEnum):
@@ -40,15 +40,22 @@ def encode_mask(mask: torch.Tensor) -> tuple[MaskEncoding, bytes]:
     return min(candidates, key=lambda c: len(c[1]))  # ties: the earlier candidate (bitmask first)
 
 
+@decode_errors
 def decode_mask(encoding: int, data: bytes | memoryview, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of `encode_mask`; ValueError when the bytes do not describe a mask of `shape`."""
+    """Inverse of `encode_mask`; DecodeError when the bytes do not describe a mask of `shape`.
+
+    Index encodings longer than the bitmask are refused before decoding: `encode_mask` never picks
+    them, and this bounds what decoding the indices allocates by the mask's size.
+    """
     numel = math.prod(shape)
+    if encoding != MaskEncoding.BITMASK and len(data) > (numel + 7) // 8:
+        raise DecodeError(f"mask indices take {len(data)} bytes, more than the {(numel + 7) // 8}-byte bitmask of {tuple(shape)}")
     if encoding == MaskEncoding.BITMASK:
         if len(data) != (numel + 7) // 8:
-            raise ValueError(f"bitmask has {len(data)} bytes, a mask of shape {tuple(shape)} needs {(numel + 7) // 8}")
+            raise DecodeError(f"bitmask has {len(data)} bytes, a mask of shape {tuple(shape)} needs {(numel + 7) // 8}")
         raw = np.frombuffer(data, dtype=np.uint8)
         if numel % 8 and raw[-1] >> (numel % 8):
-            raise ValueError("bitmask has bits set past the end of the tensor")
+            raise DecodeError("bitmask has bits set past the end of the tensor")
         flat = np.unpackbits(raw, count=numel, bitorder="little").astype(bool)
         return torch.from_numpy(flat).reshape(shape)
     if encoding == MaskEncoding.VARINT:
@@ -56,16 +63,16 @@ def decode_mask(encoding: int, data: bytes | memoryview, shape: tuple[int, ...])
     elif encoding in (MaskEncoding.UINT8, MaskEncoding.UINT16):
         width = 1 if encoding == MaskEncoding.UINT8 else 2
         if len(data) % width:
-            raise ValueError(f"fixed-width mask indices: {len(data)} bytes is not a multiple of {width}")
+            raise DecodeError(f"fixed-width mask indices: {len(data)} bytes is not a multiple of {width}")
         gaps = np.frombuffer(data, dtype="u1" if width == 1 else "<u2").astype(np.uint64)
     else:
-        raise ValueError(f"unknown mask encoding {encoding}")
+        raise DecodeError(f"unknown mask encoding {encoding}")
     flat = torch.zeros(numel, dtype=torch.bool)
     if gaps.size:
         if gaps.size > numel or int(gaps.max()) >= numel:
-            raise ValueError(f"mask indices run past the end of a tensor of shape {tuple(shape)}")
+            raise DecodeError(f"mask indices run past the end of a tensor of shape {tuple(shape)}")
         idx = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
         if int(idx[-1]) >= numel:
-            raise ValueError(f"mask index {int(idx[-1])} is out of range for a tensor of shape {tuple(shape)}")
+            raise DecodeError(f"mask index {int(idx[-1])} is out of range for a tensor of shape {tuple(shape)}")
         flat[torch.from_numpy(idx.astype(np.int64))] = True
     return flat.reshape(shape)

@@ -14,12 +14,14 @@ from shared.codec.binary import (
     _U64,
     SPARSE_MAGIC,
     VERSION,
+    DecodeError,
     _bytes_tensor,
     _check_name,
     _pack_name,
     _pack_shape,
     _read_header,
     _Reader,
+    decode_errors,
 )
 
 
@@ -46,37 +48,49 @@ def encode_sparse(parts: Mapping[str, tuple[torch.Tensor, torch.Tensor, tuple[in
     return b"".join(out)
 
 
+@decode_errors
 def decode_sparse(
-    data: bytes, max_bytes: int | None = None
+    data: bytes, max_bytes: int | None = None, *, expected: Mapping[str, tuple[int, ...]] | None = None
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]:
     """Inverse of `encode_sparse`: name -> (int64 flat indices, float32 values, shape).
 
-    Indices out of range or repeated, and any malformed input, raise ValueError.
+    With `expected` (name -> dense shape), every entry must be one of those names with that shape
+    (fewer entries are allowed), checked before its indices are read, so a receiver that scatters
+    the entries into dense tensors allocates no more than it expected. Each entry holds at most as
+    many indices as its shape has elements. Indices out of range or repeated, unexpected names or
+    shapes, and any malformed input raise `DecodeError`, and nothing else.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ValueError(f"decode_sparse expects bytes, got {type(data).__name__}")
+        raise DecodeError(f"decode_sparse expects bytes, got {type(data).__name__}")
     reader = _Reader(bytes(data))
     count = _read_header(reader, SPARSE_MAGIC, max_bytes, min_entry=2 + 1 + 1 + 8)
+    if expected is not None and count > len(expected):
+        raise DecodeError(f"sparse payload claims {count} entries, the receiver expects at most {len(expected)}")
     result: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = {}
     seen: set[str] = set()
     for _ in range(count):
         name = reader.name()
         _check_name(name, seen)
         shape = reader.shape(name)
+        if expected is not None and (name not in expected or tuple(expected[name]) != shape):
+            want = tuple(expected[name]) if name in expected else f"one of {sorted(expected)[:3]}"
+            raise DecodeError(f"sparse entry {name[:60]!r} of shape {shape} is not what the receiver expects ({want})")
         width = reader.unpack(_U8, f"{name!r} index width")
         if width not in (4, 8):
-            raise ValueError(f"sparse {name!r} has index width {width}, expected 4 or 8")
+            raise DecodeError(f"sparse {name!r} has index width {width}, expected 4 or 8")
         k = reader.unpack(_U64, f"{name!r} count")
         if k * (width + 4) > reader.remaining:
-            raise ValueError(f"sparse {name!r} claims {k} entries but only {reader.remaining} bytes remain")
+            raise DecodeError(f"sparse {name!r} claims {k} entries but only {reader.remaining} bytes remain")
         numel = math.prod(shape)
+        if k > numel:
+            raise DecodeError(f"sparse {name!r} claims {k} entries for a tensor of {numel} elements")
         idx = np.frombuffer(reader.take(k * width, f"{name!r} indices"), dtype="<u4" if width == 4 else "<u8")
         if k and int(idx.max()) >= numel:
-            raise ValueError(f"sparse {name!r}: index {int(idx.max())} out of range for shape {shape}")
+            raise DecodeError(f"sparse {name!r}: index {int(idx.max())} out of range for shape {shape}")
         if np.unique(idx).size != idx.size:
-            raise ValueError(f"sparse {name!r}: repeated indices")
+            raise DecodeError(f"sparse {name!r}: repeated indices")
         values = _bytes_tensor(reader.take(k * 4, f"{name!r} values"), 1)
         result[name] = (torch.from_numpy(idx.astype(np.int64)), values, shape)
     if reader.remaining:
-        raise ValueError(f"{reader.remaining} unexpected bytes after the last sparse entry")
+        raise DecodeError(f"{reader.remaining} unexpected bytes after the last sparse entry")
     return result

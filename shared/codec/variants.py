@@ -6,7 +6,9 @@ from typing import Mapping
 
 import torch
 
+from shared.codec.binary import DecodeError, decode_errors
 from shared.codec.dense import decode, encode
+from shared.codec.expect import Expected
 
 
 def encode_variants(state: Mapping[str, torch.Tensor], variants: list[Mapping[str, torch.Tensor]]) -> tuple[bytes, list[bytes]]:
@@ -26,19 +28,25 @@ def encode_variants(state: Mapping[str, torch.Tensor], variants: list[Mapping[st
     return base, selections
 
 
-def decode_variants(base: bytes, selections: list[bytes]) -> list[dict[str, torch.Tensor]]:
-    """Inverse of `encode_variants`: each variant's state dict (masked-off values 0)."""
-    tensors, union = decode(base)
+@decode_errors
+def decode_variants(
+    base: bytes, selections: list[bytes], *, expected: Expected | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Inverse of `encode_variants`: each variant's state dict (masked-off values 0).
+
+    `expected` bounds the base like `decode`'s; each selection may hold only one uint8 entry per
+    masked layer of the base, as long as the union keeps. Any failure raises `DecodeError`.
+    """
+    tensors, union = decode(base, expected=expected)
+    layout = {n: ((int(keep.sum()),), torch.uint8) for n, keep in union.items()}
     out = []
     for blob in selections:
-        chosen, _ = decode(blob)
+        chosen, _ = decode(blob, expected=layout)
         if set(chosen) != set(union):
-            raise ValueError(f"variant selects layers {sorted(chosen)[:3]}, the base masks {sorted(union)[:3]}")
+            raise DecodeError(f"variant selects layers {sorted(chosen)[:3]}, the base masks {sorted(union)[:3]}")
         state = dict(tensors)
         for name, sel in chosen.items():
             keep = union[name]
-            if sel.dim() != 1 or sel.numel() != int(keep.sum()):
-                raise ValueError(f"variant selection for {name!r} has {sel.numel()} entries, the union keeps {int(keep.sum())}")
             mask = torch.zeros_like(keep)
             mask[keep] = sel.bool()
             state[name] = tensors[name] * mask
