@@ -28,6 +28,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
+TRACKING = ("tensorboard", "none")  # tracking: TensorBoard event files in the run's directory, or none
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,9 @@ class WarmupConfig:
 @dataclass
 class SimulationConfig:
     cpus_per_client: int = 1  # whole CPUs per virtual client (Flower 1.42 takes no fractions)
+    # GPUs Ray reserves per virtual client, a fraction (0.25: four clients share a GPU); 0 reserves
+    # none (clients then share every visible GPU, and only CPUs limit how many run at once).
+    gpus_per_client: float = 0.0
     # Logical CPUs Ray may use when it starts its own cluster: num_cpus / cpus_per_client clients run
     # at once. More than the cores is allowed, e.g. spare actors for sleeping stragglers.
     num_cpus: int = 2
@@ -128,6 +132,8 @@ class Config:
     # Packages whose code a `package.module:name` in this config may import (methods, models, datasets,
     # scores, allocations). Importing runs that code with your permissions: name only code you trust.
     trusted: list[str] = field(default_factory=list)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N: clients' and server's torch work
+    tracking: str = "tensorboard"  # tensorboard (event files in output_dir) | none
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
@@ -353,12 +359,32 @@ def validate(c: Config) -> None:
     check(c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client",
           "must be a whole number >= 1 (to run more clients at once raise simulation.num_cpus)")
     check(c.simulation.num_cpus >= 1, "simulation.num_cpus", "must be >= 1")
+    _check_device(c, check)
+    check(c.tracking in TRACKING, "tracking", f"must be one of {', '.join(TRACKING)}")
     check(0.0 <= c.simulation.fail_fraction < 1.0, "simulation.fail_fraction", "must be in [0, 1)")
     check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")
     for section in c.sections.values():
         if hasattr(section, "validate"):
             section.validate(c, check)
     _check_names(c)
+
+
+def _check_device(c: Config, check) -> None:
+    """`device` must name hardware this process has; GPUs reserved per client need a GPU Ray can see."""
+    from shared.device import DeviceError, resolve
+
+    try:
+        device = resolve(c.device)
+    except DeviceError as exc:
+        raise ConfigError(f"config key 'device' {exc} (got {c.device!r})") from None
+    g = c.simulation.gpus_per_client
+    check(math.isfinite(g) and g >= 0 and (g <= 1 or g == int(g)), "simulation.gpus_per_client",
+          "must be a fraction in [0, 1] or a whole number of GPUs")
+    if g > 0 and not c.simulation.ray_address:
+        check(resolve("auto").type == "cuda", "simulation.gpus_per_client",
+              "reserves GPUs, but this machine has no CUDA GPU for Ray to hand out (use 0)")
+        check(device.index in (None, 0), "device",
+              "names one GPU, but with simulation.gpus_per_client > 0 Ray hands each client its own: use device=cuda")
 
 
 def _check_names(c: Config) -> None:
