@@ -18,8 +18,18 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def load_predictor(path: str | os.PathLike) -> tuple[str, Predictor]:
-    """(format, function from an input batch to logits) for an exported file, CPU, one thread."""
+    """(format, function from an input batch to logits) for an exported file or a run directory, CPU, one thread.
+
+    A run directory gives its in-framework model ("run"); a C header is compiled with the
+    reference runtime and run as a process per batch ("c").
+    """
+    if os.path.isdir(path):
+        from shared.export.spec import load_run
+
+        return "run", _no_grad(load_run(path)[0])
     fmt = detect_format(path)
+    if fmt == "c":
+        return fmt, _c_predictor(path)
     if fmt == "packed":
         model = load_packed(path)
         return fmt, _no_grad(model)
@@ -39,6 +49,21 @@ def load_predictor(path: str | os.PathLike) -> tuple[str, Predictor]:
         return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32, copy=False)})[0])
 
     return fmt, predict
+
+
+def _c_predictor(path: str | os.PathLike) -> Predictor:
+    import tempfile
+
+    from shared.export.c_export import build, run_binary
+
+    workdir = tempfile.TemporaryDirectory(prefix="fedtiny-c-")
+    binary = build(path, workdir.name)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        predict.workdir = workdir  # the binary lives as long as the predictor
+        return run_binary(binary, x)
+
+    return predict
 
 
 def _no_grad(model: Callable[[torch.Tensor], torch.Tensor]) -> Predictor:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shared import codec, rundir
+from shared.export.folding import drop_modules
 from shared.models import build_model
 
 if TYPE_CHECKING:
@@ -30,7 +31,9 @@ Tensors = dict[str, torch.Tensor]
 
 META_KEY = "__meta__"
 PACKED_FORMAT = "fedtiny-packed"
-PACKED_VERSION = 1
+PACKED_VERSION = 2
+PACKED_VERSIONS_READ = (1, 2)
+"""v2 (BN folded, `folded` names the removed BNs, `metadata` as in `shared.export.metadata`); v1 still loads."""
 SPEC_FORMAT = "fedtiny-model-spec"
 SPEC_VERSION = 1
 
@@ -49,24 +52,37 @@ class ModelSpec:
     def build(self) -> nn.Module:
         return build_model(self.model, self.num_classes, self.input_shape, self.width)
 
-    def to_tensor(self, compact: bool) -> torch.Tensor:
-        meta = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "compact": compact, **asdict(self)}
+    def to_tensor(self, compact: bool, folded: tuple[str, ...] | list[str] = (),
+                  metadata: Mapping[str, Any] | None = None) -> torch.Tensor:
+        """The packed file's `__meta__` entry: JSON bytes as a uint8 tensor (no pickle)."""
+        meta = {"format": PACKED_FORMAT, "version": PACKED_VERSION, "compact": compact, **asdict(self),
+                "folded": list(folded), "metadata": dict(metadata or {})}
         return torch.tensor(list(json.dumps(meta, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
 
     @staticmethod
     def from_tensor(t: torch.Tensor) -> ModelSpec:
-        try:
-            meta = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
-            version = (meta.get("format"), meta.get("version"))
-            spec = ModelSpec(str(meta["model"]), int(meta["num_classes"]),
-                             tuple(int(s) for s in meta["input_shape"]), float(meta["width"]))
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"packed file has a corrupt {META_KEY} entry ({type(exc).__name__}: {exc})") from None
-        if version != (PACKED_FORMAT, PACKED_VERSION):
-            raise ValueError(
-                f"packed file is {version[0]} v{version[1]}; this build reads {PACKED_FORMAT} v{PACKED_VERSION}"
-            )
-        return spec
+        return ModelSpec.from_header(packed_header(t))
+
+    @staticmethod
+    def from_header(meta: Mapping[str, Any]) -> ModelSpec:
+        return ModelSpec(str(meta["model"]), int(meta["num_classes"]),
+                         tuple(int(s) for s in meta["input_shape"]), float(meta["width"]))
+
+
+def packed_header(t: torch.Tensor) -> dict[str, Any]:
+    """The parsed `__meta__` entry of a packed file of a version this build reads; ValueError otherwise."""
+    try:
+        meta = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
+        version = (meta.get("format"), meta.get("version"))
+        ModelSpec.from_header(meta)
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"packed file has a corrupt {META_KEY} entry ({type(exc).__name__}: {exc})") from None
+    if version[0] != PACKED_FORMAT or version[1] not in PACKED_VERSIONS_READ:
+        raise ValueError(
+            f"packed file is {version[0]} v{version[1]}; this build reads {PACKED_FORMAT} "
+            f"v{', v'.join(map(str, PACKED_VERSIONS_READ))}"
+        )
+    return meta
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -153,10 +169,14 @@ def load_run(output_dir: str | os.PathLike) -> tuple[nn.Module, Tensors, ModelSp
 
 
 def rebuild(
-    spec: ModelSpec, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None
+    spec: ModelSpec, state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None = None,
+    folded: tuple[str, ...] | list[str] = (),
 ) -> nn.Module:
-    """`spec`'s architecture with layers resized to `state`'s shapes (compacted files), `state` loaded, eval mode."""
-    model = spec.build()
+    """`spec`'s architecture with layers resized to `state`'s shapes (compacted files), `state` loaded, eval mode.
+
+    The BNs named in `folded` are replaced by identities (their scale and shift are in `state`).
+    """
+    model = drop_modules(spec.build(), list(folded))
     fit_modules_to_state(model, state)
     state = dict(state)
     for name, mask in (masks or {}).items():
