@@ -28,6 +28,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
+AGGREGATORS = ("mean", "trimmed-mean", "median")  # fl.aggregator (server.aggregate)
 TRACKING = ("tensorboard", "none")  # tracking: TensorBoard event files in the run's directory, or none
 
 
@@ -72,6 +73,13 @@ class FLConfig:
     round_timeout: float = 300.0  # seconds to wait for replies in a round
     max_update_norm: float = 0.0  # clip each update's L2 distance from the global model (0: off)
     eval_every: int = 1  # central test evaluation every this many rounds; round 0 and the last round always
+    # Robust aggregation (server.aggregate): each update's distance from the global model is clipped to
+    # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
+    # the round (0: off); aggregator mean (FedAvg) | trimmed-mean | median (coordinate-wise).
+    clip_multiple: float = 3.0
+    max_weight_share: float = 0.0
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1  # trimmed-mean: the fraction dropped at each end per coordinate
 
 
 @dataclass
@@ -178,8 +186,16 @@ def load_config(file: str | Path | None = None, overrides: Iterable[str] = ()) -
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. pruning.density=0.01)")
     if overrides:
-        layers.append(OmegaConf.from_dotlist(overrides))
+        layers.append(OmegaConf.from_dotlist([_bracket_list(o) for o in overrides]))
     return _build(layers, defaults=1)
+
+
+def _bracket_list(item: str) -> str:
+    """`key=a,b` for a list-valued key means `key=[a,b]`, so both spellings work on the command line."""
+    key, _, value = item.partition("=")
+    if tuple(key.strip().split(".")) in _list_fields() and not value.strip().startswith("["):
+        return f"{key}=[{value}]"
+    return item
 
 
 def from_mapping(values: Mapping[str, Any]) -> Config:
@@ -354,6 +370,12 @@ def validate(c: Config) -> None:
     check(c.fl.round_timeout > 0, "fl.round_timeout", "must be > 0")
     check(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1 (1 evaluates every round)")
     check(c.fl.max_update_norm >= 0, "fl.max_update_norm", "must be >= 0 (0 turns clipping off)")
+    check(c.fl.clip_multiple == 0 or c.fl.clip_multiple >= 1, "fl.clip_multiple",
+          "must be 0 (off) or >= 1 (a multiple of the round's median update distance)")
+    check(c.fl.max_weight_share == 0 or 1 / c.fl.clients_per_round <= c.fl.max_weight_share <= 1,
+          "fl.max_weight_share", "must be 0 (off) or in [1 / fl.clients_per_round, 1]")
+    check(c.fl.aggregator in AGGREGATORS, "fl.aggregator", f"must be one of {', '.join(AGGREGATORS)}")
+    check(0 <= c.fl.trim_fraction < 0.5, "fl.trim_fraction", "must be in [0, 0.5)")
     check(c.warmup.epochs >= 0, "warmup.epochs", "must be >= 0")
     check(c.warmup.shots >= 1, "warmup.shots", "must be >= 1")
     check(c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client",

@@ -15,7 +15,9 @@ import numpy as np
 from shared.data import DataBundle
 from shared.registry import Registry
 
-MIN_SAMPLES = 2  # every client gets at least this many samples when N >= MIN_SAMPLES * num_clients
+MIN_SAMPLES = 2  # partition_owners' default floor: every client gets this many when N >= MIN_SAMPLES * num_clients
+MIN_TRAIN = 2  # train-mode batch norm cannot normalize a batch of one
+MIN_HOLDOUT = 2  # nor recalibrate on a held-out split of one (FedTiny's adaptive BN selection)
 
 PartitionFn = Callable[[np.ndarray, int, float, np.random.Generator], np.ndarray]
 PARTITIONS: Registry[PartitionFn] = Registry("partition")
@@ -53,39 +55,42 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random
     return owners
 
 
-def partition_owners(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> np.ndarray:
+def partition_owners(
+    labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int, min_samples: int = MIN_SAMPLES
+) -> np.ndarray:
     """The owner (client id, int32) of every sample under `scheme` (a PARTITIONS key).
 
-    When there are at least 2 samples per client, every client gets at least 2 (one to train, one
-    to hold out): the shortfall is moved from the largest clients, deterministically.
+    Every client gets at least min(min_samples, len(labels) // num_clients) samples: the shortfall
+    is moved from the largest clients, deterministically (so label skew cannot leave a client empty).
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     labels = np.asarray(labels)
     owners = PARTITIONS.get(scheme)(labels, num_clients, alpha, np.random.default_rng(seed))
-    if len(labels) >= MIN_SAMPLES * num_clients:
-        owners = _ensure_min_samples(owners, num_clients, np.random.default_rng([seed, 1]))
+    floor = min(min_samples, len(labels) // num_clients)
+    if floor >= 1:
+        owners = _ensure_min_samples(owners, num_clients, floor, np.random.default_rng([seed, 1]))
     return owners
 
 
-def _ensure_min_samples(owners: np.ndarray, num_clients: int, rng: np.random.Generator) -> np.ndarray:
-    """Move samples from the currently largest clients (ties: lowest id) to clients below MIN_SAMPLES.
+def _ensure_min_samples(owners: np.ndarray, num_clients: int, floor: int, rng: np.random.Generator) -> np.ndarray:
+    """Move samples from the currently largest clients (ties: lowest id) to clients below `floor`.
 
-    Needs len(owners) >= MIN_SAMPLES * num_clients, so the surplus above MIN_SAMPLES covers the
-    shortfall and a donor always keeps at least MIN_SAMPLES + 1 before giving.
+    Needs len(owners) >= floor * num_clients, so the surplus above `floor` covers the shortfall
+    and a donor always keeps at least floor + 1 before giving.
     """
     counts = np.bincount(owners, minlength=num_clients)
-    shortfall = np.maximum(MIN_SAMPLES - counts, 0)
+    shortfall = np.maximum(floor - counts, 0)
     total = int(shortfall.sum())
     if total == 0:
         return owners
-    heap = [(-int(n), int(c)) for c, n in enumerate(counts) if n > MIN_SAMPLES]
+    heap = [(-int(n), int(c)) for c, n in enumerate(counts) if n > floor]
     heapq.heapify(heap)
     gives = np.zeros(num_clients, dtype=np.int64)
     for _ in range(total):
         negative, client = heapq.heappop(heap)
         gives[client] += 1
-        if -negative - 1 > MIN_SAMPLES:
+        if -negative - 1 > floor:
             heapq.heappush(heap, (negative + 1, client))
     # Each donor gives its first samples in a random (seeded) order.
     order = rng.permutation(len(owners))
@@ -103,14 +108,26 @@ def client_indices(owners: np.ndarray, client_id: int) -> np.ndarray:
     return np.flatnonzero(owners == client_id)
 
 
+def holdout_size(n: int, fraction: float) -> int:
+    """Held-out samples of a client with n: round(fraction * n), at least 1 and at most n - 1; none when n < 2."""
+    return min(max(int(round(fraction * n)), 1), n - 1) if n >= 2 else 0
+
+
+def min_client_size(holdout: float) -> int:
+    """The fewest samples that leave a client MIN_TRAIN to train and MIN_HOLDOUT held out (8 at 0.2)."""
+    n = MIN_TRAIN + MIN_HOLDOUT
+    while holdout_size(n, holdout) < MIN_HOLDOUT or n - holdout_size(n, holdout) < MIN_TRAIN:
+        n += 1
+    return n
+
+
 def split_holdout(indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split a client's indices into (train, holdout), both sorted; seeded.
 
-    The holdout (for adaptive BN selection and evaluation) gets round(fraction * n) samples,
-    at least 1 and at most n - 1 when the client has n >= 2 samples; none when n < 2.
+    The holdout (for adaptive BN selection and evaluation) gets `holdout_size(n, fraction)` samples.
     """
     n = len(indices)
-    n_holdout = min(max(int(round(fraction * n)), 1), n - 1) if n >= 2 else 0
+    n_holdout = holdout_size(n, fraction)
     shuffled = np.asarray(indices)[np.random.default_rng(seed).permutation(n)]
     return np.sort(shuffled[n_holdout:]), np.sort(shuffled[:n_holdout])
 
@@ -129,17 +146,19 @@ _OWNERS_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _OWNERS_CACHE_SIZE = 4
 
 
-def cached_owners(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> np.ndarray:
-    """`partition_owners`, cached in-process per (labels array, num_clients, scheme, alpha, seed).
+def cached_owners(
+    labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int, min_samples: int = MIN_SAMPLES
+) -> np.ndarray:
+    """`partition_owners`, cached in-process per (labels array, num_clients, scheme, alpha, seed, min_samples).
 
     The cache keeps a reference to `labels`, so its identity cannot be reused while cached. The
     returned array is read-only because it is shared.
     """
-    key = (id(labels), len(labels), num_clients, scheme, float(alpha), seed)
+    key = (id(labels), len(labels), num_clients, scheme, float(alpha), seed, min_samples)
     hit = _OWNERS_CACHE.get(key)
     if hit is not None and hit[0] is labels:
         return hit[1]
-    owners = partition_owners(labels, num_clients, scheme, alpha, seed)
+    owners = partition_owners(labels, num_clients, scheme, alpha, seed, min_samples)
     owners.setflags(write=False)
     if len(_OWNERS_CACHE) >= _OWNERS_CACHE_SIZE:
         _OWNERS_CACHE.pop(next(iter(_OWNERS_CACHE)))
@@ -156,15 +175,24 @@ def client_data(
     holdout: float,
     seed: int,
 ) -> ClientData:
-    """Client `client_id`'s share of the training split, with its held-out slice."""
+    """Client `client_id`'s share of the training split, with its held-out slice.
+
+    The partition tops every client up to `min_client_size(holdout)` samples where the data allow.
+    """
     if not 0 <= client_id < num_clients:
         raise ValueError(f"client_id {client_id} out of range for {num_clients} clients")
-    owners = cached_owners(bundle.y_train, num_clients, scheme, alpha, seed)
+    owners = cached_owners(bundle.y_train, num_clients, scheme, alpha, seed, min_client_size(holdout))
     holdout_seed = int(np.random.SeedSequence([seed, client_id]).generate_state(1)[0])
     train_idx, holdout_idx = split_holdout(client_indices(owners, client_id), holdout, holdout_seed)
     return ClientData(
         bundle.x_train[train_idx], bundle.y_train[train_idx], bundle.x_train[holdout_idx], bundle.y_train[holdout_idx]
     )
+
+
+def client_sizes(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, holdout: float, seed: int) -> np.ndarray:
+    """Samples per client under the partition `client_data` cuts (for a check before any run starts)."""
+    owners = cached_owners(labels, num_clients, scheme, alpha, seed, min_client_size(holdout))
+    return np.bincount(owners, minlength=num_clients)
 
 
 def server_warmup_set(bundle: DataBundle, shots_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,3 +210,11 @@ def server_warmup_set(bundle: DataBundle, shots_per_class: int, seed: int) -> tu
         chosen.append(rng.choice(idx, size=min(shots_per_class, len(idx)), replace=False))
     idx = np.sort(np.concatenate(chosen))
     return bundle.x_train[idx], bundle.y_train[idx]
+
+
+def partition_sizes(bundle: DataBundle, num_clients: int, scheme: str, alpha: float, holdout: float,
+                    seed: int) -> list[tuple[int, int]]:
+    """(train, held-out) example counts of every partition as `client_data` cuts them, without cutting:
+    what a simulation's server knows each virtual client holds (the bound on the counts it reports)."""
+    totals = client_sizes(bundle.y_train, num_clients, scheme, alpha, holdout, seed)
+    return [(int(n) - holdout_size(int(n), holdout), holdout_size(int(n), holdout)) for n in totals]

@@ -39,6 +39,13 @@ def test_overrides_and_file_layer(tmp_path):
     assert (c.fl.rounds, c.pruning.density, c.fedtiny.allocations) == (7, 0.01, ["erk", "lamp"])
 
 
+@pytest.mark.parametrize("spelling", ["fedtiny.scores=magnitude,synflow", "fedtiny.scores=[magnitude,synflow]"])
+def test_a_list_key_takes_a_comma_list_with_or_without_brackets(spelling):
+    assert load_config(overrides=[spelling]).fedtiny.scores == ["magnitude", "synflow"]
+    assert load_config(overrides=["trusted=mypkg"]).trusted == ["mypkg"]
+    assert load_config(overrides=["trusted="]).trusted == []
+
+
 def test_flat_round_trip_keeps_lists():
     c = load_config(overrides=["fedtiny.allocations=[erk,global]", "fl.rounds=4"])
     assert from_flat(to_flat(c)) == c

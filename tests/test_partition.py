@@ -97,9 +97,29 @@ def test_ten_thousand_clients_on_sixty_thousand_labels_is_fast_and_holds_one_arr
         assert len(data.y_train) >= 1 and len(data.y_holdout) >= 1
     assert time.perf_counter() - start < 2.0
     assert len(partition._OWNERS_CACHE) == 1
-    owners = cached_owners(bundle.y_train, 10_000, "dirichlet", 0.1, 0)
-    assert owners is cached_owners(bundle.y_train, 10_000, "dirichlet", 0.1, 0)
+    floor = partition.min_client_size(0.2)  # what client_data asks the partition for
+    owners = cached_owners(bundle.y_train, 10_000, "dirichlet", 0.1, 0, floor)
+    assert owners is cached_owners(bundle.y_train, 10_000, "dirichlet", 0.1, 0, floor)
+    assert len(partition._OWNERS_CACHE) == 1
     assert owners.dtype == np.int32 and owners.nbytes == 60_000 * 4
+
+
+def test_a_skewed_partition_tops_every_client_up_to_the_floor_the_data_allow() -> None:
+    labels = np.repeat(np.arange(10), 20)  # 200 samples; Dirichlet(0.01) leaves most of 20 clients empty
+    skewed = np.bincount(partition_owners(labels, 20, "dirichlet", 0.01, seed=0, min_samples=1), minlength=20)
+    assert skewed.min() < 8
+    assert np.bincount(partition_owners(labels, 20, "dirichlet", 0.01, seed=0, min_samples=8)).min() == 8
+    assert np.bincount(partition_owners(labels, 40, "dirichlet", 0.01, seed=0, min_samples=8)).min() == 5  # 200 // 40
+
+
+@pytest.mark.parametrize("holdout, size", [(0.2, 8), (0.3, 5), (0.5, 4), (0.1, 15)])
+def test_min_client_size_leaves_two_to_train_and_two_held_out(holdout: float, size: int) -> None:
+    assert partition.min_client_size(holdout) == size
+    for n in (size, size + 1):
+        train, held = split_holdout(np.arange(n), holdout, seed=0)
+        assert len(train) >= partition.MIN_TRAIN and len(held) >= partition.MIN_HOLDOUT
+    train, held = split_holdout(np.arange(size - 1), holdout, seed=0)
+    assert len(train) < partition.MIN_TRAIN or len(held) < partition.MIN_HOLDOUT
 
 
 def test_holdout_is_disjoint_from_train_and_covers_the_client() -> None:

@@ -5,11 +5,12 @@ Subcommand modules import this, never `simulations.cli.main`.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from shared.config import Config
+from shared.config import Config, ConfigError
 from shared.rundir import default_output_dir
 
 EXIT_CONFIG = 2  # a configuration or flag error (one line on stderr)
@@ -26,12 +27,54 @@ def with_output_dir(config: Config, suffix: str = "") -> tuple[Config, Path]:
 
 
 def preflight(config: Config) -> None:
-    """Load the data and build the model once here, so a bad path or name fails fast with one line."""
+    """Load the data, cut the partition and build the model once here, before any process starts,
+    so a bad path or name, a fleet the data cannot fill, or a density below the dense layers fails
+    at once with one line (ConfigError, exit code 2)."""
     from shared.data import load_for
-    from shared.models import build_model
+    from shared.models import model_for
 
     bundle = load_for(config)
-    build_model(config.model.name, bundle.num_classes, bundle.input_shape, config.model.width, config.seed)
+    check_partition(config, bundle.y_train)
+    check_dense_budget(config, model_for(config, bundle))
+
+
+def check_partition(config: Config, labels) -> None:
+    """Every client must hold enough examples to train and to hold out (shared.partition.min_client_size)."""
+    from shared.partition import MIN_HOLDOUT, MIN_TRAIN, client_sizes, min_client_size
+
+    d, n = config.dataset, config.fl.num_clients
+    need = min_client_size(d.holdout)
+    short = int((client_sizes(labels, n, d.partition, d.alpha, d.holdout, config.seed) < need).sum())
+    if not short:
+        return
+    fixes = [f"set fl.num_clients to at most {len(labels) // need}"]
+    fits = [h for h in (0.3, 0.4, 0.5) if h > d.holdout and min_client_size(h) <= len(labels) // n]
+    if fits:
+        fixes.append(f"hold out more (dataset.holdout={fits[0]:g} needs {min_client_size(fits[0])})")
+    fixes.append("use a larger dataset" + (" (e.g. dataset.name=fashion-mnist, 60,000)" if d.name == "digits" else ""))
+    raise ConfigError(
+        f"config key 'fl.num_clients': {short} of {n} clients would hold fewer than {need} examples "
+        f"({MIN_TRAIN} to train, {MIN_HOLDOUT} held out at dataset.holdout={d.holdout:g}) of the "
+        f"{len(labels)} training examples of dataset {d.name!r}; {', '.join(fixes[:-1])} or {fixes[-1]}"
+    )
+
+
+def check_dense_budget(config: Config, model) -> None:
+    """The weights kept at `pruning.density` must cover the first layer that `pruning.keep_first_dense` keeps whole."""
+    from shared.pruning.params import prunable_names
+
+    if not config.pruning.keep_first_dense or config.method == "fedavg":  # fedavg never prunes
+        return
+    params = dict(model.named_parameters())
+    names = prunable_names(model)
+    total = sum(params[name].numel() for name in names)
+    kept, first = round(config.pruning.density * total), params[names[0]].numel()
+    if first > kept:
+        raise ConfigError(
+            f"config key 'pruning.density': {config.pruning.density:g} keeps {kept} of the model's {total} prunable "
+            f"weights, but pruning.keep_first_dense=true keeps all {first} of {names[0]}; raise pruning.density "
+            f"to at least {math.ceil(first / total * 1e4) / 1e4:g} or set pruning.keep_first_dense=false"
+        )
 
 
 def print_summary(metrics: dict, out: Path) -> None:

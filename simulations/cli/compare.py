@@ -326,7 +326,8 @@ def _compare(args: argparse.Namespace) -> int:
         cells = [c for c in cells if finished(out / c.name) is not None]
         if not cells:
             raise ConfigError(f"no finished cell of this grid in {out}; run it without --report-only first")
-    preflight(base)
+    for cell in cells:  # each cell's density against the dense first layer, before the first run
+        preflight(cell_config(cell, out, args.config, overrides))
     results, failures = run_grid(
         cells, out, args.config, overrides, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False)
     )
