@@ -2,11 +2,13 @@
 
 A simulation process serves many virtual clients, so the dataset is loaded once
 per process and each client's partition is cut on demand from the seed (lazy).
+Models and batches live on the config's `device` (`shared.device`); on a GPU the
+partition is moved there once, so batches are cut on the device without host copies.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterable
 
@@ -15,7 +17,8 @@ from flwr.app import Context, RecordDict
 
 from shared import protocol as p
 from shared.config import Config, from_flat
-from shared.data import DataBundle, batches, load_for
+from shared.data import DataBundle, batches, load_for, to_tensor
+from shared.device import DeviceBatches, on_device, resolve
 from shared.models import model_for
 from shared.partition import ClientData, client_data
 
@@ -26,18 +29,32 @@ class ClientRuntime:
     bundle: DataBundle
     data: ClientData
     partition_id: int
+    device: torch.device = torch.device("cpu")
+    _resident: dict = field(default_factory=dict, repr=False)  # split -> (x, y) on a GPU
 
     def new_model(self) -> torch.nn.Module:
-        return model_for(self.config, self.bundle)
+        return model_for(self.config, self.bundle).to(self.device)
 
     def train_batches(self, seed: int) -> Callable[[int], Iterable]:
         """Shuffled local training batches for epoch e, reproducible from (seed, e)."""
         d, bs = self.data, self.config.fl.batch_size
+        if self.device.type != "cpu":
+            x, y = self._on_device("train", d.x_train, d.y_train)
+            return lambda epoch: DeviceBatches(x, y, bs, True, seed * 1009 + epoch)
         return lambda epoch: batches(self.bundle, d.x_train, d.y_train, bs, True, seed * 1009 + epoch)
 
     def holdout_batches(self) -> list:
         d = self.data
+        if self.device.type != "cpu":
+            x, y = self._on_device("holdout", d.x_holdout, d.y_holdout)
+            return list(DeviceBatches(x, y, self.config.fl.batch_size, False, 0))
         return list(batches(self.bundle, d.x_holdout, d.y_holdout, self.config.fl.batch_size, False, 0))
+
+    def _on_device(self, split: str, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+        """This client's split, normalized and moved to the device once (what `batches` would yield)."""
+        if split not in self._resident:
+            self._resident[split] = on_device(to_tensor(self.bundle, x), y, self.device)
+        return self._resident[split]
 
 
 def client_runtime(context: Context, content: RecordDict) -> ClientRuntime:
@@ -73,4 +90,4 @@ def _runtime(flat: tuple, partition_id: int, num_partitions: int) -> ClientRunti
     d = config.dataset
     bundle = load_for(config)
     data = client_data(bundle, config.fl.num_clients, partition_id, d.partition, d.alpha, d.holdout, config.seed)
-    return ClientRuntime(config, bundle, data, partition_id)
+    return ClientRuntime(config, bundle, data, partition_id, resolve(config.device))

@@ -3,6 +3,9 @@
 Each task takes the client runtime, the message content and the node's persistent
 state, and returns the reply content. The node keeps the last masks it received in
 its state, so the server sends a layer's mask only when it changed.
+
+Models, masks and batches live on the runtime's device (`config.device`); what a task
+hands to the codec is moved to the host first (`shared.device.to_cpu`), nothing else is.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from shared.batchnorm import (
     running_stats_for_upload,
 )
 from shared.training import evaluate as evaluate_model
+from shared.device import to_cpu
 from shared.training import local_scores, train_masked
 
 MASK_STATE = "fedtiny-masks"
@@ -55,7 +59,7 @@ def scores(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordD
     batch_list = list(rt.train_batches(seed)(0))[: int(cfg[p.BATCHES])]
     local = local_scores(model, str(cfg[p.SCORE]), batch_list, seed, trusted=rt.config.trusted)
     n = sum(len(y) for _, y in batch_list)
-    return _reply(payload={p.SCORE_TENSORS: codec.encode(local)}, metrics={p.NUM_EXAMPLES: n})
+    return _reply(payload={p.SCORE_TENSORS: codec.encode(to_cpu(local))}, metrics={p.NUM_EXAMPLES: n})
 
 
 def bn_stats(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -65,7 +69,7 @@ def bn_stats(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> Recor
     state[CANDIDATE_STATE] = ConfigRecord({k: payload[k] for k in (p.CANDIDATE_BASE, p.CANDIDATE_MASKS)})  # for step 4
     out = []
     for model in _candidate_models(rt, state[CANDIDATE_STATE]):
-        out.append(codec.encode(bn_stats_to_tensors(recalibrate(model, holdout))))
+        out.append(codec.encode(to_cpu(bn_stats_to_tensors(recalibrate(model, holdout)))))
     return _reply(payload={p.BN_STATS: out}, metrics={p.NUM_EXAMPLES: len(rt.data.y_holdout)})
 
 
@@ -105,9 +109,9 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
     )
     # Delta-coded against the download, which the server still holds: unchanged values cost nothing.
     # Decoded again here rather than kept through training, which would hold a dense model copy.
-    sent, _ = codec.decode(content[p.PAYLOAD][p.MODEL], masks=masks)
-    update = running_stats_for_upload(model.state_dict())
-    payload = {p.UPDATE: codec.encode(update, masks, send_masks=False, base=sent), **half.after_training(job, result)}
+    sent, _ = codec.decode(content[p.PAYLOAD][p.MODEL], masks=to_cpu(masks))
+    update = to_cpu(running_stats_for_upload(model.state_dict()))
+    payload = {p.UPDATE: codec.encode(update, to_cpu(masks), send_masks=False, base=sent), **half.after_training(job, result)}
     return _reply(payload=payload, metrics={p.NUM_EXAMPLES: result.num_examples, p.LOSS: result.loss})
 
 
@@ -118,7 +122,9 @@ def evaluate(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> Recor
 
 
 def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torch.nn.Module, dict]:
-    """Decode the global model with the masks this node already holds, and remember new masks."""
+    """Decode the global model with the masks this node already holds, and remember new masks.
+
+    The model and the masks returned are on the runtime's device."""
     known = _stored_masks(state)
     tensors, masks = codec.decode(blob, masks=known)
     if masks:
@@ -128,7 +134,7 @@ def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torc
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or set(missing) - set(running_stat_names(model.state_dict())):
         raise ValueError(f"the model payload does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model, masks
+    return model, {n: m.to(rt.device) for n, m in masks.items()}
 
 
 def _stored_masks(state: RecordDict) -> dict[str, torch.Tensor]:

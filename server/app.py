@@ -16,6 +16,7 @@ from server.context import RunContext
 from server.fleet import Fleet
 from server import methods
 from server.recorder import PROGRESS_PREFIX, Recorder, plot
+from server.tracking import open_tracker
 from shared import codec, rundir
 from shared.accounting import count_parameters, flops, model_size
 from shared.config import Config, from_flat, to_yaml
@@ -57,6 +58,9 @@ def run(grid: Grid, config: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / rundir.CONFIG).write_text(to_yaml(config))
     recorder = Recorder(config.fl.rounds)
+    tracker = open_tracker(config.tracking, out)
+    if tracker:
+        tracker.config(to_yaml(config))
     recorder.note(f"output directory {out}")
     fleet = Fleet(
         grid, config.fl.num_clients, config.fl.min_replies, config.fl.round_timeout, config.simulation.virtual_partitions
@@ -65,15 +69,23 @@ def run(grid: Grid, config: Config) -> Path:
         bundle = load_for(config)
         write_spec(out, config, bundle)  # what export needs, so it never reloads the dataset
         ctx = RunContext(config, fleet, bundle, recorder, out)
+        ctx.tracker = tracker
         fleet.register()
         method = methods.load(config.method, config.trusted)(ctx)
         gm = loop.run_training(ctx, method)
         federated = loop.federated_evaluation(ctx, gm)
         ctx.totals(fleet.traffic.take())
+        last = recorder.rounds[-1]
+        last.federated_accuracy = federated["federated_accuracy"]  # the final model's, measured after the last round
+        if tracker:
+            tracker.scalar("federated/accuracy", last.federated_accuracy, last.round)
     except Exception as exc:
         recorder.summary = {"error": f"{type(exc).__name__}: {exc}"}
         recorder.write(out)
         raise
+    finally:
+        if tracker:
+            tracker.close()
     recorder.summary = summarize(ctx, gm, method, federated)
     recorder.write(out)
     codec.save(out / rundir.MODEL, gm.state, gm.masks or None)

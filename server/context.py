@@ -11,7 +11,8 @@ import torch
 from server.fleet import Fleet, Traffic
 from server.recorder import Recorder
 from shared.config import Config
-from shared.data import DataBundle, batches
+from shared.data import DataBundle, batches, to_tensor
+from shared.device import DeviceBatches, on_device, resolve
 from shared.models import model_for, prunable_blocks
 from shared.pruning.params import prunable_names
 from shared.training import EvalResult, evaluate
@@ -25,6 +26,8 @@ class RunContext:
     recorder: Recorder
     output_dir: Path
     rng: np.random.Generator = field(init=False)
+    device: torch.device = field(init=False)  # central evaluation and warm-up (`config.device`)
+    tracker: object = None  # server.tracking.Tracker of the run, when tracking is on
     bytes_up: int = 0
     bytes_down: int = 0
     dense_bytes_up: int = 0
@@ -34,6 +37,8 @@ class RunContext:
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.config.seed)
+        self.device = resolve(self.config.device)
+        self._test = None
 
     def totals(self, traffic: Traffic) -> None:
         self.bytes_up += traffic.up
@@ -69,7 +74,15 @@ class RunContext:
         return int(np.random.SeedSequence([self.config.seed, round_, part]).generate_state(1)[0] % (2**31))
 
     def evaluate_central(self, state: dict[str, torch.Tensor]) -> EvalResult:
-        model = self.new_model()
+        model = self.new_model().to(self.device)
         model.load_state_dict(state)
+        return evaluate(model, self.test_batches())
+
+    def test_batches(self):
+        """The central test set in batches of 256; on a GPU moved there once and cut on the device."""
         b = self.bundle
-        return evaluate(model, batches(b, b.x_test, b.y_test, 256, False, 0))
+        if self.device.type == "cpu":
+            return batches(b, b.x_test, b.y_test, 256, False, 0)
+        if self._test is None:
+            self._test = on_device(to_tensor(b, b.x_test), b.y_test, self.device)
+        return DeviceBatches(*self._test, 256, False, 0)

@@ -19,6 +19,7 @@ from server.fleet import Reply, config_record, error_line
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
 from shared import codec, protocol as p
+from shared.pruning import layer_densities
 from shared.training import LR_SCHEDULES
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def run_training(ctx: RunContext, method: Method) -> GlobalModel:
         start = time.monotonic()
         replies = training_round(ctx, method, gm, t, method.round_config(ctx, gm, t))
         method.after_round(ctx, gm, t, replies)
-        record_round(ctx, gm, t, method.phase(t), len(replies), start)
+        record_round(ctx, gm, t, method.phase(t), len(replies), start, train_loss(replies))
         checkpoint.save(ctx, gm, method, t)
     return gm
 
@@ -130,20 +131,36 @@ def evaluated(t: int, rounds: int, every: int) -> bool:
     return t % every == 0 or t == rounds
 
 
-def record_round(ctx: RunContext, gm: GlobalModel, t: int, phase: str, clients: int, start: float) -> None:
+def train_loss(replies: list[Reply]) -> float | None:
+    """The clients' mean local training loss, weighted by their examples (None: no finite loss reported)."""
+    pairs = []
+    for r in replies:
+        try:
+            pairs.append((float(r.content[p.METRICS][p.LOSS]), r.num_examples))
+        except (KeyError, TypeError, ValueError):  # a metric is only a metric: never fail the round over it
+            continue
+    pairs = [(loss, n) for loss, n in pairs if np.isfinite(loss) and n > 0]
+    total = sum(n for _, n in pairs)
+    return sum(loss * n for loss, n in pairs) / total if total else None
+
+
+def record_round(
+    ctx: RunContext, gm: GlobalModel, t: int, phase: str, clients: int, start: float, train_loss: float | None = None
+) -> None:
     f = ctx.config.fl
     result = ctx.evaluate_central(gm.state) if evaluated(t, f.rounds, f.eval_every) else None
     traffic = ctx.fleet.traffic.take()
     ctx.totals(traffic)
-    ctx.recorder.add(
-        RoundRecord(
-            round=t, phase=phase, density=gm.density, accuracy=result and result.accuracy, loss=result and result.loss,
-            bytes_up=traffic.up, bytes_down=traffic.down, seconds=time.monotonic() - start,
-            clients=clients, failures=len(traffic.failures), rejected=len(traffic.rejected),
-        )
+    record = RoundRecord(
+        round=t, phase=phase, density=gm.density, accuracy=result and result.accuracy, loss=result and result.loss,
+        bytes_up=traffic.up, bytes_down=traffic.down, seconds=time.monotonic() - start,
+        clients=clients, failures=len(traffic.failures), rejected=len(traffic.rejected), train_loss=train_loss,
     )
 
 
+    ctx.recorder.add(record)
+    if ctx.tracker:
+        ctx.tracker.round(record, layer_densities(gm.masks) if gm.masks else {})
 def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
     """Evaluate the final model on sampled clients' held-out splits (sample-weighted)."""
     build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731

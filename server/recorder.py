@@ -17,7 +17,7 @@ from typing import Any
 from shared import rundir
 
 PROGRESS_PREFIX = "[fedtiny]"
-ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures", "rejected")
+ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures", "rejected", "train_loss", "federated_accuracy")
 
 
 @dataclass
@@ -33,6 +33,8 @@ class RoundRecord:
     clients: int = 0
     failures: int = 0  # sampled clients that failed or did not reply in time
     rejected: int = 0  # replies that arrived but were rejected (bad updates)
+    train_loss: float | None = None  # the clients' mean local training loss (sample-weighted); None: no training
+    federated_accuracy: float | None = None  # clients' held-out accuracy of the global model; None: not evaluated
 
 
 @dataclass

@@ -82,7 +82,7 @@ class DeviceBatches:
 
 def on_device(x: Tensor, y: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
     """A normalized image tensor and its labels moved to `device` once (pinned first for a GPU copy)."""
-    labels = torch.as_tensor(np.asarray(y), dtype=torch.int64)
+    labels = torch.tensor(np.asarray(y), dtype=torch.int64)
     if device.type == "cuda":
         x, labels = x.pin_memory(), labels.pin_memory()
     return x.to(device, non_blocking=True), labels.to(device, non_blocking=True)

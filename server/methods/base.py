@@ -158,10 +158,13 @@ def load(name: str, trusted: Iterable[str] = ()) -> type[Method]:
 
 
 def server_warmup(ctx: RunContext, model: torch.nn.Module) -> None:
-    """Optional dense pre-training on a tiny labelled server set drawn from the train split (never test)."""
+    """Optional dense pre-training on a tiny labelled server set drawn from the train split (never test),
+    on the run's device; the model comes back to the host, where the server keeps its state."""
     c = ctx.config
     if c.warmup.epochs <= 0:
         return
     x, y = server_warmup_set(ctx.bundle, c.warmup.shots, c.seed)
     warmup(model, lambda e: batches(ctx.bundle, x, y, c.fl.batch_size, True, c.seed + e), c.warmup.epochs, c.fl.lr)
     ctx.recorder.note(f"server warm-up: {c.warmup.epochs} epochs on {len(y)} examples")
+    model.to(ctx.device)
+    model.to("cpu")

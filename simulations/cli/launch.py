@@ -63,6 +63,9 @@ def flower_env(flwr_home: Path, http_port: int, ray_address: str = "") -> dict[s
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    # Ray hides every GPU from an actor that reserves none; with simulation.gpus_per_client=0 the
+    # clients then share the visible GPUs unreserved instead (device=cuda still reaches them).
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     return env
@@ -140,6 +143,8 @@ def federation_config(config: Config) -> str:
     parts = [f"num-supernodes={config.fl.num_clients}", f"client-resources-num-cpus={s.cpus_per_client:g}"]
     if not s.ray_address:
         parts.append(f"init-args-num-cpus={s.num_cpus}")
+    if s.gpus_per_client > 0:  # Ray gives each client this share of a GPU it detected
+        parts.append(f"client-resources-num-gpus={s.gpus_per_client:g}")
     return " ".join(parts)
 
 
