@@ -3,7 +3,8 @@
 Why: `torch.onnx.export` writes every weight densely, so a 1%-dense model's ONNX file is as big as
 the dense one. Here each mostly-zero float initializer W becomes two initializers, its nonzero
 values (float32) and the gaps between their flat positions (uint16), plus five nodes that rebuild
-W once: ConstantOfShape (zeros) -> ScatterElements at CumSum(Cast(gaps)) -> Reshape. The nodes read
+W once: ConstantOfShape (zeros) -> ScatterElements at CumSum(Cast(gaps)) -> Reshape (`W.v` and
+`W.g` name the two initializers; W keeps its name, so the nodes reading it are unchanged). The nodes read
 initializers only, so onnxruntime constant-folds them when the session is created; inference runs
 the same dense graph as before. A gap over 65,535 is bridged by explicit zero entries.
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 MAX_GAP = 2**16 - 1
-_NODE_OVERHEAD = 256  # bytes of the five nodes and three small initializers, roughly
+_NODE_OVERHEAD = 200  # bytes of the five nodes and two small initializers, roughly
+_AXIS = "_axis0"  # the int64 scalar 0 that every CumSum reads
 
 
 def gaps_of(flat_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -33,22 +35,21 @@ def gaps_of(flat_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return positions, gaps.astype(np.uint16)
 
 
-def _rebuild_nodes(onnx, name: str, shape: tuple[int, ...], numel: int) -> tuple[list, list]:
-    """The initializers and nodes that rebuild tensor `name` from `name`__values and `name`__gaps."""
+def _rebuild_nodes(onnx, name: str, k: int, shape: tuple[int, ...], numel: int) -> tuple[list, list]:
+    """The initializers and nodes that rebuild tensor `name` from `name`.v (values) and `name`.g (gaps).
+
+    Intermediate names are short (`_k.z`, ...): they are repeated in the file and weigh on a tiny model.
+    """
     helper, T = onnx.helper, onnx.TensorProto
-    p = f"{name}__"
-    inits = [
-        helper.make_tensor(p + "numel", T.INT64, [1], [numel]),
-        helper.make_tensor(p + "shape", T.INT64, [len(shape)], list(shape)),
-        helper.make_tensor(p + "axis", T.INT64, [], [0]),
-    ]
+    p = f"_{k}."
+    inits = [helper.make_tensor(p + "n", T.INT64, [1], [numel]), helper.make_tensor(p + "s", T.INT64, [len(shape)], list(shape))]
     zero = helper.make_tensor("value", T.FLOAT, [1], [0.0])
     nodes = [
-        helper.make_node("ConstantOfShape", [p + "numel"], [p + "zeros"], value=zero),
-        helper.make_node("Cast", [p + "gaps"], [p + "gaps64"], to=T.INT64),
-        helper.make_node("CumSum", [p + "gaps64", p + "axis"], [p + "positions"]),
-        helper.make_node("ScatterElements", [p + "zeros", p + "positions", p + "values"], [p + "flat"], axis=0),
-        helper.make_node("Reshape", [p + "flat", p + "shape"], [name]),
+        helper.make_node("ConstantOfShape", [p + "n"], [p + "z"], value=zero),
+        helper.make_node("Cast", [name + ".g"], [p + "c"], to=T.INT64),
+        helper.make_node("CumSum", [p + "c", _AXIS], [p + "i"]),
+        helper.make_node("ScatterElements", [p + "z", p + "i", name + ".v"], [p + "f"], axis=0),
+        helper.make_node("Reshape", [p + "f", p + "s"], [name]),
     ]
     return inits, nodes
 
@@ -73,11 +74,13 @@ def sparsify(model, min_numel: int = 64):
         if 6 * positions.size + _NODE_OVERHEAD >= 4 * flat.size:
             keep.append(init)
             continue
-        new_inits += [numpy_helper.from_array(flat[positions].astype(np.float32), f"{init.name}__values"),
-                      numpy_helper.from_array(gaps, f"{init.name}__gaps")]
-        inits, nodes = _rebuild_nodes(onnx, init.name, tuple(array.shape), int(flat.size))
+        new_inits += [numpy_helper.from_array(flat[positions].astype(np.float32), f"{init.name}.v"),
+                      numpy_helper.from_array(gaps, f"{init.name}.g")]
+        inits, nodes = _rebuild_nodes(onnx, init.name, len(new_nodes) // 5, tuple(array.shape), int(flat.size))
         new_inits += inits
         new_nodes += nodes
+    if new_nodes:
+        new_inits.append(onnx.helper.make_tensor(_AXIS, onnx.TensorProto.INT64, [], [0]))
     del graph.initializer[:]
     graph.initializer.extend(keep + new_inits)
     old_nodes = list(graph.node)
