@@ -20,7 +20,8 @@ from server.methods import TrainJob
 from server.methods import load as load_method
 from shared import codec, protocol as p
 from shared.batchnorm import (
-    bn_stats_from_tensors, bn_stats_to_tensors, load_stats, recalibrate, restart_running_stats, running_stat_names,
+    bn_stats_from_tensors, bn_stats_layout, bn_stats_to_tensors, load_stats, recalibrate, restart_running_stats,
+    running_stat_names,
     running_stats_for_upload,
 )
 from shared.training import evaluate as evaluate_model
@@ -86,7 +87,7 @@ def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDic
     holdout = rt.holdout_batches()
     sums = []
     for model, bn_blob in zip(models, content[p.PAYLOAD][p.BN_STATS], strict=True):
-        load_stats(model, bn_stats_from_tensors(codec.decode(bn_blob)[0]))
+        load_stats(model, bn_stats_from_tensors(codec.decode(bn_blob, expected=bn_stats_layout(model))[0]))
         sums.append(evaluate_model(model, holdout).loss_sum)
     return _reply(metrics={p.LOSS_SUMS: sums, p.NUM_EXAMPLES: len(rt.data.y_holdout)})
 
@@ -126,11 +127,11 @@ def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torc
 
     The model and the masks returned are on the runtime's device."""
     known = _stored_masks(state)
-    tensors, masks = codec.decode(blob, masks=known)
+    model = rt.new_model()
+    tensors, masks = codec.decode(blob, masks=known, expected=codec.expect(model.state_dict()))
     if masks:
         merged = {**known, **masks}
         state[MASK_STATE] = ConfigRecord({"masks": codec.encode({n: m.to(torch.uint8) for n, m in merged.items()})})
-    model = rt.new_model()
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or set(missing) - set(running_stat_names(model.state_dict())):
         raise ValueError(f"the model payload does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -145,11 +146,12 @@ def _stored_masks(state: RecordDict) -> dict[str, torch.Tensor]:
 
 
 def _candidate_models(rt: ClientRuntime, record: ConfigRecord) -> list[torch.nn.Module]:
-    models = []
-    for tensors in codec.decode_variants(record[p.CANDIDATE_BASE], list(record[p.CANDIDATE_MASKS])):
-        model = rt.new_model()
+    first = rt.new_model()
+    layout = codec.expect(first.state_dict())  # the candidates decode to this model's layout only
+    variants = codec.decode_variants(record[p.CANDIDATE_BASE], list(record[p.CANDIDATE_MASKS]), expected=layout)
+    models = [first, *(rt.new_model() for _ in variants[1:])][: len(variants)]
+    for model, tensors in zip(models, variants):
         model.load_state_dict(tensors)
-        models.append(model)
     return models
 
 

@@ -48,7 +48,8 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
     try:
         blob = reply.content[p.PAYLOAD][p.UPDATE]
         num_examples = reply.num_examples
-        tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes(), base=gm.state)
+        expected = codec.expect(gm.state, {n: gm.upload_dtypes(n) for n in gm.state})  # checked before allocating
+        tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes(), base=gm.state, expected=expected)
     except (KeyError, ValueError, TypeError) as exc:
         return None, f"undecodable update ({error_line(exc)})"
     if set(tensors) != set(gm.state):

@@ -202,6 +202,17 @@ def bn_stats_to_tensors(stats: BNStats) -> dict[str, Tensor]:
     return out
 
 
+def bn_stats_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What `bn_stats_to_tensors` makes of `model`'s statistics, as name -> (shape, dtype): the
+    layout a receiver passes to `codec.decode(expected=...)` so a BN blob decodes only to that."""
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, m in bn_modules(model).items():
+        channels = tuple(m.running_mean.shape)
+        out[f"{name}.mean"], out[f"{name}.var"] = (channels, torch.float32), (channels, torch.float32)
+        out[f"{name}.count"] = ((1,), torch.int64)
+    return out
+
+
 def bn_stats_from_tensors(tensors: Mapping[str, Tensor]) -> BNStats:
     """Inverse of `bn_stats_to_tensors`; a layer lacking any of mean/var/count raises ValueError."""
     fields: dict[str, dict[str, Tensor]] = {}

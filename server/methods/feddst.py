@@ -191,7 +191,8 @@ def check_mask_changes(reply: Reply, gm: GlobalModel) -> tuple[Tensors, Tensors]
     """A client's masks and sparse state from its update and mask changes, or why they are unusable."""
     blob = reply.content[p.PAYLOAD].get(p.MASK_CHANGES)
     try:
-        changes = codec.decode_sparse(blob) if blob is not None else {}
+        expected = {n: tuple(m.shape) for n, m in gm.masks.items()}
+        changes = codec.decode_sparse(blob, expected=expected) if blob is not None else {}
     except ValueError as exc:
         return f"undecodable mask changes ({exc})"
     return local_masks(gm.masks, reply.decoded, changes)

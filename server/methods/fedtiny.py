@@ -155,7 +155,8 @@ def check_topk(reply: Reply, gm: GlobalModel, pending: dict[str, int]) -> tuple[
     if p.TOPK not in reply.content.get(p.PAYLOAD, {}):
         return {}, "no top-k gradients for the adjusted block"
     try:
-        sparse = codec.decode_sparse(reply.content[p.PAYLOAD][p.TOPK], max_bytes=16 * sum(pending.values()) + 65536)
+        sparse = codec.decode_sparse(reply.content[p.PAYLOAD][p.TOPK], max_bytes=16 * sum(pending.values()) + 65536,
+                                     expected={n: tuple(gm.masks[n].shape) for n in pending})
     except ValueError as exc:
         return {}, f"undecodable top-k gradients ({exc})"
     if set(sparse) != set(pending):

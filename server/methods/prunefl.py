@@ -141,7 +141,8 @@ def check_sq_grads(reply: Reply, gm: GlobalModel) -> Tensors | str:
     if blob is None:
         return "no squared gradients"
     try:
-        grads, _ = codec.decode(blob, max_bytes=8 * sum(m.numel() for m in gm.masks.values()) + 65536)
+        grads, _ = codec.decode(blob, max_bytes=8 * sum(m.numel() for m in gm.masks.values()) + 65536,
+                                expected={n: (tuple(m.shape), codec.FLOAT_DTYPES) for n, m in gm.masks.items()})
     except ValueError as exc:
         return f"undecodable squared gradients ({exc})"
     if set(grads) != set(gm.masks):
