@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib
 import inspect
+import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -227,29 +230,40 @@ def load_digits(path: str, seed: int, test_fraction: float) -> DataBundle:
 
 
 _IDX_UBYTE = 0x08
+MAX_IDX_BYTES = 2**28
+"""Largest IDX payload read (256 MiB; Fashion-MNIST's training images are 47 MB): a header naming
+more is refused before anything is inflated."""
 
 
-def read_idx(path: str, ndim: int) -> np.ndarray:
+def read_idx(path: str, ndim: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """An IDX file (the MNIST format, optionally gzipped) of unsigned bytes with `ndim` dimensions.
 
-    Raises ValueError naming the file when the magic number or the size is wrong.
+    The header is read first and the payload size computed from its dims; a gzipped file is then
+    inflated to exactly that size and no further, so a small file claiming (or inflating to)
+    gigabytes costs nothing. Raises ValueError naming the file when the magic number, the dims
+    (more than `max_bytes`) or the size is wrong.
     """
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+            header = f.read(4 + 4 * ndim)
+            if len(header) < 4 + 4 * ndim or header[:3] != bytes([0, 0, _IDX_UBYTE]) or header[3] != ndim:
+                raise ValueError(
+                    f"{path}: not an IDX file of {ndim}-D unsigned bytes (bad magic number); the file is corrupt"
+                )
+            dims = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+            expected = math.prod(dims)
+            if expected > max_bytes:
+                raise ValueError(f"{path}: header claims {dims} = {expected} bytes, over the limit of {max_bytes}; "
+                                 "the file is corrupt")
+            data = f.read(expected)
+            extra = len(f.read(1))
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"{path}: cannot read IDX file ({exc}); the file is corrupt, download it again") from exc
-    if len(data) < 4 + 4 * ndim or data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE or data[3] != ndim:
-        raise ValueError(
-            f"{path}: not an IDX file of {ndim}-D unsigned bytes (bad magic number); the file is corrupt"
-        )
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    offset = 4 + 4 * ndim
-    expected = int(np.prod(dims))
-    if len(data) - offset != expected:
-        raise ValueError(f"{path}: header says {dims} = {expected} bytes but the file holds {len(data) - offset}")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+    if len(data) != expected or extra:
+        held = f"{len(data)}" if not extra else f"more than {expected}"
+        raise ValueError(f"{path}: header says {dims} = {expected} bytes but the file holds {held}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find_file(directory: str, stem: str, dataset: str, hint: str) -> str:
@@ -279,6 +293,8 @@ def load_fashion_mnist(path: str, seed: int, test_fraction: float) -> DataBundle
         images_file = _find_file(directory, f"{prefix}-images-idx3-ubyte", "fashion-mnist", hint)
         labels_file = _find_file(directory, f"{prefix}-labels-idx1-ubyte", "fashion-mnist", hint)
         images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
+        if images.shape[1:] != (28, 28):
+            raise ValueError(f"fashion-mnist: {images_file} holds images of {images.shape[1:]}, expected (28, 28)")
         if len(images) != len(labels):
             raise ValueError(
                 f"fashion-mnist: {images_file} has {len(images)} images but {labels_file} has {len(labels)} labels"
@@ -290,15 +306,90 @@ def load_fashion_mnist(path: str, seed: int, test_fraction: float) -> DataBundle
     return DataBundle(x_train, y_train, x_test, y_test, 10, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
 
+MAX_CIFAR_BATCH_BYTES = 2**28
+"""Largest CIFAR-10 batch file read (a real one is 31 MB)."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 python batch and nothing else: a dict of bytes keys, lists, bytes and
+    uint8 numpy arrays. `find_class` resolves only numpy's array reconstruction (numpy 1 and 2
+    names, protocols 2 to 5) and refuses every other global, so a crafted file runs no code.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = _BATCH_GLOBALS.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR-10 batch never holds; refused without running it"
+            )
+        return allowed()
+
+
+def _numpy_attr(names: tuple[str, ...], attr: str) -> Callable[[], object]:
+    def resolve() -> object:
+        for module in names:
+            try:
+                return getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                continue
+        raise pickle.UnpicklingError(f"this numpy has no {attr} in {names}")
+
+    return resolve
+
+
+class _NDArray:
+    """Stands in for numpy.ndarray in a batch: only `_reconstruct` may use it (calling it is refused)."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> None:
+        raise pickle.UnpicklingError("a CIFAR-10 batch never calls numpy.ndarray")
+
+
+def _reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    """numpy's `_reconstruct(ndarray, (0,), b"b")`, the empty array a pickled array is then filled into."""
+    if subtype is not _NDArray or shape != (0,):
+        raise pickle.UnpicklingError("a CIFAR-10 batch reconstructs only empty numpy arrays before filling them")
+    return _numpy_attr(("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")()(np.ndarray, (0,), dtype)
+
+
+def _dtype(*args: object) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("a CIFAR-10 batch holds no object arrays")
+    return dtype
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as protocol 2 uses it for bytes: str to latin-1 bytes, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("a CIFAR-10 batch encodes only latin-1 text")
+    return text.encode("latin1")
+
+
+_FROMBUFFER = _numpy_attr(("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")
+_BATCH_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
+    **{(f"{m}.multiarray", "_reconstruct"): (lambda: _reconstruct) for m in ("numpy._core", "numpy.core")},
+    **{(f"{m}.numeric", "_frombuffer"): _FROMBUFFER for m in ("numpy._core", "numpy.core")},
+    ("numpy", "ndarray"): lambda: _NDArray,
+    ("numpy", "dtype"): lambda: _dtype,
+    ("_codecs", "encode"): lambda: _latin1,
+}
+
+
 def _read_cifar_batch(file: str) -> tuple[np.ndarray, np.ndarray]:
-    # pickle is acceptable only because this is the local, user-given CIFAR-10 "python version" format.
+    """One CIFAR-10 "python version" batch, read with `_BatchUnpickler` (no code runs, whatever the file holds)."""
+    size = os.path.getsize(file)
+    if size > MAX_CIFAR_BATCH_BYTES:
+        raise ValueError(f"cifar10: {file} is {size} bytes, over the limit of {MAX_CIFAR_BATCH_BYTES} for one batch")
     try:
         with open(file, "rb") as f:
-            record = pickle.load(f, encoding="bytes")
+            record = _BatchUnpickler(f, encoding="bytes").load()
+        if not isinstance(record, dict):
+            raise TypeError(f"it holds a {type(record).__name__}, not a dict")
         data = np.asarray(record[b"data"], dtype=np.uint8)
         labels = np.asarray(record[b"labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"cifar10: {file} is not a CIFAR-10 python batch ({exc!r})") from exc
+    except Exception as exc:  # noqa: BLE001  any failure of a file from outside is one line naming it
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"cifar10: {file} is not a CIFAR-10 python batch ({reason})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise ValueError(f"cifar10: {file} holds data {data.shape} and {len(labels)} labels, expected (N, 3072) and N")
     if labels.size and (labels.min() < 0 or labels.max() >= 10):

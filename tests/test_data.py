@@ -5,13 +5,16 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import resource
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from shared import data as data_module
 from shared.data import DATASETS, DataBundle, batches, load_dataset, read_idx, to_tensor
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -151,6 +154,109 @@ def test_corrupt_fashion_mnist_directory_is_a_value_error(tmp_path: Path) -> Non
     (directory / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz"):
         load_dataset("fashion-mnist", str(directory))
+
+
+def rss_growth_mb(fn) -> float:
+    """Peak resident memory growth of this process while `fn` runs, in MB (Linux ru_maxrss is in KiB)."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def idx_header(*dims: int) -> bytes:
+    return bytes([0, 0, 0x08, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+
+
+def test_idx_gzip_inflating_past_its_header_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    stream = zlib.compressobj(9, zlib.DEFLATED, 31)  # a gzip of the header and 256 MB of zeros, built in chunks
+    chunk = b"\x00" * (1 << 20)
+    with open(path, "wb") as f:
+        f.write(stream.compress(idx_header(2, 28, 28)))
+        for _ in range(256):
+            f.write(stream.compress(chunk))
+        f.write(stream.flush())
+    assert path.stat().st_size < 1 << 20
+
+    def read() -> None:
+        with pytest.raises(ValueError, match=r"bomb-idx3-ubyte.gz: header says \(2, 28, 28\) = 1568 bytes but the file holds more"):
+            read_idx(str(path), 3)
+
+    assert rss_growth_mb(read) < 20
+
+
+def test_idx_header_claiming_absurd_dims_is_refused_before_reading(tmp_path: Path) -> None:
+    path = tmp_path / "huge-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(idx_header(60_000_000, 28, 28) + b"\x00" * 100)
+    with pytest.raises(ValueError, match=r"huge-idx3-ubyte.gz: header claims .* over the limit"):
+        read_idx(str(path), 3)
+
+
+def test_fashion_mnist_images_of_another_size_are_a_value_error(tmp_path: Path) -> None:
+    directory = fake_fashion_mnist(tmp_path / "fmnist")
+    write_idx(directory / "t10k-images-idx3-ubyte.gz", np.zeros((4, 30, 30)))
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz holds images of \(30, 30\)"):
+        load_dataset("fashion-mnist", str(directory))
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted CIFAR-10 batch would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar10_batch_that_would_run_code_is_refused_with_one_line(tmp_path: Path) -> None:
+    directory, marker = fake_cifar10(tmp_path / "cifar"), tmp_path / "ran"
+    with open(directory / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _RunsCode(marker), b"labels": []}, f)
+    with pytest.raises(ValueError) as err:
+        load_dataset("cifar10", str(directory))
+    assert not marker.exists()
+    line = str(err.value)
+    assert "\n" not in line and "data_batch_3 is not a CIFAR-10 python batch" in line
+    assert "system, which a CIFAR-10 batch never holds; refused without running it" in line
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar10_batches_of_every_pickle_protocol_load(tmp_path: Path, protocol: int) -> None:
+    directory = fake_cifar10(tmp_path / "cifar")
+    record = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 7], b"filenames": [b"a.png", b"b.png"],
+              b"data": np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072)}
+    (directory / "test_batch").write_bytes(pickle.dumps(record, protocol=protocol))
+    bundle = load_dataset("cifar10", str(directory))
+    assert np.array_equal(bundle.x_test.reshape(2, -1), record[b"data"]) and bundle.y_test.tolist() == [3, 7]
+
+
+def test_cifar10_batch_pickled_with_numpy_1_names_loads(tmp_path: Path) -> None:
+    """The published batches name numpy.core.multiarray (numpy 1); numpy 2 calls it numpy._core."""
+    directory = fake_cifar10(tmp_path / "cifar")
+    data = np.arange(3072, dtype=np.uint8).reshape(1, 3072)
+    raw = pickle.dumps({b"data": data, b"labels": [5]}, protocol=2)
+    assert b"numpy._core.multiarray" in raw
+    (directory / "test_batch").write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    bundle = load_dataset("cifar10", str(directory))
+    assert np.array_equal(bundle.x_test.reshape(1, -1), data)
+
+
+@pytest.mark.parametrize("content", [[1, 2, 3], {b"data": np.zeros((1, 3072), dtype=object), b"labels": [1]}],
+                         ids=["a-list", "object-array"])
+def test_cifar10_batch_of_other_types_is_a_value_error(tmp_path: Path, content: object) -> None:
+    directory = fake_cifar10(tmp_path / "cifar")
+    (directory / "data_batch_1").write_bytes(pickle.dumps(content))
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR-10 python batch"):
+        load_dataset("cifar10", str(directory))
+
+
+def test_cifar10_oversize_batch_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = fake_cifar10(tmp_path / "cifar")
+    monkeypatch.setattr(data_module, "MAX_CIFAR_BATCH_BYTES", 1000)
+    with pytest.raises(ValueError, match="data_batch_1 is .* bytes, over the limit of 1000"):
+        load_dataset("cifar10", str(directory))
 
 
 def write_module(directory: Path, name: str, source: str) -> None:
