@@ -15,14 +15,13 @@ from server import loop
 from server.context import RunContext
 from server.fleet import Fleet
 from server import methods
-from server.recorder import PROGRESS_PREFIX, Recorder, plot
+from server.recorder import PROGRESS_PREFIX, Recorder, plot, run_title
 from server.tracking import open_tracker
 from shared import codec, rundir
 from shared.accounting import count_parameters, flops, model_size
 from shared.config import Config, from_flat, to_yaml
 from shared.data import load_for
 from shared.export import write_spec
-from shared.pruning import layer_densities
 
 app = ServerApp()
 log = logging.getLogger("fedtiny")
@@ -89,7 +88,7 @@ def run(grid: Grid, config: Config) -> Path:
     recorder.summary = summarize(ctx, gm, method, federated)
     recorder.write(out)
     codec.save(out / rundir.MODEL, gm.state, gm.masks or None)
-    plot(out, recorder.rounds, layer_densities(gm.masks) if gm.masks else {})
+    plot(out, recorder.rounds, gm.masks, run_title(config))
     recorder.note(
         f"done: accuracy={recorder.summary['accuracy']:.4f} density={recorder.summary['density']:.4f} "
         f"bytes={ctx.bytes_up + ctx.bytes_down} dense_bytes={ctx.dense_bytes_up + ctx.dense_bytes_down} -> {out}"

@@ -48,10 +48,11 @@ class Traffic:
     down: int = 0
     failures: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    clients: set[int] = field(default_factory=set)  # nodes that replied (registration aside): a round's clients=
 
     def take(self) -> "Traffic":
-        out = Traffic(self.up, self.down, self.failures, self.rejected)
-        self.up, self.down, self.failures, self.rejected = 0, 0, [], []
+        out = Traffic(self.up, self.down, self.failures, self.rejected, self.clients)
+        self.up, self.down, self.failures, self.rejected, self.clients = 0, 0, [], [], set()
         return out
 
 
@@ -135,6 +136,8 @@ class Fleet:
                 continue
             size = payload_bytes(msg.content)
             self.traffic.up += size
+            if message_type != p.HELLO:
+                self.traffic.clients.add(node)
             replies.append(Reply(node, msg.content, size))
         for node in set(requests) - answered:
             self._fail(node, message_type, f"no reply within {timeout:g}s (fl.round_timeout={self.timeout:g})")

@@ -115,7 +115,7 @@ def run_training(ctx: RunContext, method: Method) -> GlobalModel:
     else:
         start = time.monotonic()
         gm = method.prepare(ctx)
-        record_round(ctx, gm, 0, "search" if ctx.fleet.traffic.down else "init", 0, start)
+        record_round(ctx, gm, 0, "search" if ctx.fleet.traffic.down else "init", len(ctx.fleet.traffic.clients), start)
         checkpoint.save(ctx, gm, method, 0)
         done = 0
     for t in range(done + 1, (ctx.config.fl.rounds if method.federated else 0) + 1):
@@ -155,7 +155,8 @@ def record_round(
     record = RoundRecord(
         round=t, phase=phase, density=gm.density, accuracy=result and result.accuracy, loss=result and result.loss,
         bytes_up=traffic.up, bytes_down=traffic.down, seconds=time.monotonic() - start,
-        clients=clients, failures=len(traffic.failures), rejected=len(traffic.rejected), train_loss=train_loss,
+        clients=clients, failures=len(traffic.failures), rejected=len(traffic.rejected),
+        dense_bytes=ctx.dense_bytes_up + ctx.dense_bytes_down - sum(r.dense_bytes for r in ctx.recorder.rounds), train_loss=train_loss,
     )
 
 

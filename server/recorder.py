@@ -11,13 +11,14 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from shared import rundir
 
 PROGRESS_PREFIX = "[fedtiny]"
-ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures", "rejected", "train_loss", "federated_accuracy")
+ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures", "rejected", "dense_bytes", "train_loss", "federated_accuracy")
 
 
 @dataclass
@@ -33,6 +34,7 @@ class RoundRecord:
     clients: int = 0
     failures: int = 0  # sampled clients that failed or did not reply in time
     rejected: int = 0  # replies that arrived but were rejected (bad updates)
+    dense_bytes: int = 0  # what dense float32 FedAvg would send this round, both ways (the reference)
     train_loss: float | None = None  # the clients' mean local training loss (sample-weighted); None: no training
     federated_accuracy: float | None = None  # clients' held-out accuracy of the global model; None: not evaluated
 
@@ -77,32 +79,73 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot(out: Path, rounds: list[RoundRecord], layer_density: dict[str, float]) -> None:
-    """Accuracy, density and bytes per round, and per-layer density of the final masks."""
+def run_title(config) -> str:
+    """What a run's figures are of: method, target density, dataset and seed (a `shared.config.Config`)."""
+    return f"{config.method}, density {config.pruning.density:g}, {config.dataset.name}, seed {config.seed}"
+
+
+def plot(out: Path, rounds: list[RoundRecord], masks: Mapping[str, Any] | None = None, title: str = "") -> None:
+    """accuracy.png (central test accuracy in %), density.png, bytes.png (cumulative payload bytes
+    against dense FedAvg's for the same rounds and clients) and layer_density.png (weights each layer
+    keeps); every figure titled with the run. Log axes show only positive values (round 0 sends no
+    bytes when nothing is searched), so nothing is drawn at a made-up 1 byte."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    for name, (label, log_y, series) in round_figures(rounds).items():
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        for legend, (x, y) in series.items():
+            ax.plot(x, y, marker="o", markersize=3, label=legend or None, linestyle="--" if legend.startswith("dense") else "-")
+        if log_y:
+            ax.set_yscale("log")
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _finish(fig, ax, title, "round", label, out / rundir.ROUND_PLOTS[name], plt)
+    if masks:
+        _plot_kept(out, masks, title, plt)
+
+
+def round_figures(rounds: list[RoundRecord]) -> dict[str, tuple[str, bool, dict[str, tuple[list, list]]]]:
+    """What each per-round figure draws: {name: (y label, log y axis, {legend: (rounds, values)})};
+    a log axis gets only the positive values."""
     evaluated = [r for r in rounds if r.accuracy is not None]
-    for name, xs, ys, label in (
-        ("accuracy", [r.round for r in evaluated], [r.accuracy for r in evaluated], "central test accuracy"),
-        ("density", [r.round for r in rounds], [r.density for r in rounds], "density of prunable weights"),
-        ("bytes", [r.round for r in rounds], [r.bytes_up + r.bytes_down for r in rounds], "payload bytes (up + down)"),
-    ):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(xs, ys, marker="o", markersize=3)
-        ax.set_xlabel("round")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / rundir.ROUND_PLOTS[name], dpi=100)
-        plt.close(fig)
-    if layer_density:
-        fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(layer_density)), 3.5))
-        ax.bar(range(len(layer_density)), list(layer_density.values()))
-        ax.set_xticks(range(len(layer_density)), list(layer_density), rotation=70, fontsize=7)
-        ax.set_ylabel("density")
-        fig.tight_layout()
-        fig.savefig(out / rundir.LAYER_DENSITY_PLOT, dpi=100)
-        plt.close(fig)
+    xs = [r.round for r in rounds]
+    figures = {
+        "accuracy": ("central test accuracy (%)", False,
+                     {"": ([r.round for r in evaluated], [100 * r.accuracy for r in evaluated])}),
+        "density": ("density of prunable weights", True, {"": (xs, [r.density for r in rounds])}),
+        "bytes": ("cumulative payload bytes (up + down)", True, {
+            "this run": (xs, list(accumulate(r.bytes_up + r.bytes_down for r in rounds))),
+            "dense FedAvg, same rounds and clients": (xs, list(accumulate(r.dense_bytes for r in rounds))),
+        }),
+    }
+    for label, log_y, series in figures.values():
+        for legend, (x, y) in series.items():
+            kept = [(a, b) for a, b in zip(x, y) if b > 0 or not log_y]
+            series[legend] = ([a for a, _ in kept], [b for _, b in kept])
+    return figures
+
+
+def _plot_kept(out: Path, masks: Mapping[str, Any], title: str, plt) -> None:
+    """Weights each layer keeps, labelled with its density: a layer at 0 is cut (layer collapse)."""
+    kept = {name: (int(m.sum()), m.numel()) for name, m in masks.items()}
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(kept)), 3.8))
+    bars = ax.bar(range(len(kept)), [k for k, _ in kept.values()])
+    for bar, (k, n) in zip(bars, kept.values()):
+        ax.annotate(f"{k / n:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(kept)), [f"{name}\n({n:,})" for name, (_, n) in kept.items()], rotation=70, fontsize=6)
+    _finish(fig, ax, title, "layer (weights)", "weights kept in the final mask", out / rundir.LAYER_DENSITY_PLOT, plt)
+
+
+def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: Path, plt) -> None:
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T", bound=Callable)
+USER_DIR_ENV = "FEDTINY_USER_DIR"  # the directory `fedtiny` was started in, for the processes Flower starts elsewhere
 
 
 class Registry(Generic[T]):
@@ -62,6 +67,7 @@ def import_callable(spec: str, kind: str = "callable", trusted: Iterable[str] = 
             f"{kind} {spec!r} would import and run code from package {package!r}, which is not trusted; "
             f"if you trust it, add it to the config: trusted=[{package}]"
         )
+    find_in_user_dir(package)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -73,3 +79,19 @@ def import_callable(spec: str, kind: str = "callable", trusted: Iterable[str] = 
     if not callable(fn):
         raise ValueError(f"{kind} {spec!r} is not callable")
     return fn
+
+
+def find_in_user_dir(package: str) -> None:
+    """Make a trusted `package` that is not installed importable from the directory `fedtiny` was
+    started in (`$FEDTINY_USER_DIR`, set by the launcher for the ServerApp and Ray workers, else the
+    current directory). The directory is appended to sys.path, so it never shadows an installed package.
+    """
+    if importlib.util.find_spec(package) is not None:
+        return
+    for folder in filter(None, (os.environ.get(USER_DIR_ENV), os.getcwd())):
+        root = Path(folder).resolve()
+        if (root / package).is_dir() or (root / f"{package}.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.append(str(root))
+            importlib.invalidate_caches()
+            return

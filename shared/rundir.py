@@ -27,8 +27,7 @@ COMPARISON_PLOTS = {  # fedtiny compare, by x axis
     "round": "accuracy_vs_round.png",
     "bytes": "accuracy_vs_bytes.png",
 }
-FLWR_HOME = ".flwr"  # a simulated run's own FLWR_HOME (its SuperLink's state and log)
-SUPERLINK_LOG = "superlink.log"  # in FLWR_HOME (simulation) or DEPLOY_DIR (deploy-local)
+SUPERLINK_LOG = "superlink.log"  # in the run's folder (simulation, beside superlink.pid) or DEPLOY_DIR (deploy-local)
 DEPLOY_DIR = "deploy"  # deploy-local: certificates, node keys, each process's FLWR_HOME and log
 
 

@@ -17,7 +17,9 @@ from typing import Iterator
 
 from shared import rundir
 from shared.config import Config, load_config, to_yaml
-from simulations.cli.launch import PROJECT_ROOT, federation_config, flower_env, free_port, local_superlink, simulate, stop_group
+from simulations.cli.launch import (
+    PROJECT_ROOT, federation_config, flower_env, flower_home, free_port, local_superlink, simulate, stop_group,
+)
 from simulations.monitor import Poller
 
 PLAIN_APP = Path(__file__).resolve().parent / "plain_flower"
@@ -63,24 +65,23 @@ def run_fedtiny(config: Config, out: Path) -> dict:
 def run_plain(config: Config, out: Path) -> dict:
     """Flower's built-in FedAvg with a minimal ClientApp on the same config; returns plain.json's content."""
     out.mkdir(parents=True, exist_ok=True)
-    flwr_home = out / rundir.FLWR_HOME
-    flwr_home.mkdir(exist_ok=True)
     config_file = out / rundir.CONFIG
     config_file.write_text(to_yaml(config))
     run_config = out / rundir.RUN_CONFIG
     run_config.write_text(f"\"config-file\" = {json.dumps(str(config_file))}\n\"output-dir\" = {json.dumps(str(out))}\n")
-    env = flower_env(flwr_home, free_port(), config.simulation.ray_address)
-    env["PYTHONPATH"] = os.pathsep.join([str(PLAIN_APP), env["PYTHONPATH"]])
     cmd = [
         "flwr", "run", str(PLAIN_APP), "--stream",
         "--run-config", str(run_config), "--federation-config", federation_config(config),
     ]
-    with local_superlink(env, flwr_home / rundir.SUPERLINK_LOG), open(out / rundir.RUN_LOG, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait()
-        finally:
-            stop_group(proc)
+    with flower_home() as home:
+        env = flower_env(home, free_port(), config.simulation.ray_address)
+        env["PYTHONPATH"] = os.pathsep.join([str(PLAIN_APP), env["PYTHONPATH"]])
+        with local_superlink(env, out / rundir.SUPERLINK_LOG), open(out / rundir.RUN_LOG, "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                proc.wait()
+            finally:
+                stop_group(proc)
     result = out / "plain.json"
     if not result.exists():
         raise RuntimeError(f"the plain Flower run wrote no plain.json; see {out / rundir.RUN_LOG}")

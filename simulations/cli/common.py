@@ -77,12 +77,14 @@ def check_dense_budget(config: Config, model) -> None:
         )
 
 
-def print_summary(metrics: dict, out: Path) -> None:
-    """The one line a finished run prints."""
+def print_summary(metrics: dict, out: Path, total_seconds: float | None = None) -> None:
+    """The one line a finished run prints: wall_seconds is the run itself (metrics.json, the bar's
+    time), total_seconds the whole command, Flower's and Ray's start-up and shutdown included."""
     s = metrics["summary"]
+    total = "" if total_seconds is None else f" total_seconds={total_seconds:.1f}"
     print(
         f"accuracy={s['accuracy']:.4f} density={s['density']:.4f} bytes_ratio={s['bytes_ratio']:.4f} "
-        f"wall_seconds={s['wall_seconds']:.1f} outputs={out}"
+        f"wall_seconds={s['wall_seconds']:.1f}{total} outputs={out}"
     )
 
 

@@ -256,8 +256,9 @@ def plot(results: dict[Cell, dict], out: Path) -> list[Path]:
                 rounds, acc, total = _mean_curve(curves)
                 if len(rounds) == 1:  # not federated (the centralized ceiling): one final figure, a line
                     ax.axhline(acc[0], color=colors[m], linestyle=":", label=f"{m} (ceiling)")
-                else:
-                    ax.plot(x_of(rounds, total), acc, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
+                else:  # on the log bytes axis only rounds that sent bytes (dense FedAvg's round 0 sends none)
+                    x, y = zip(*[(x, a) for x, a in zip(x_of(rounds, total), acc) if x > 0 or not log_x])
+                    ax.plot(x, y, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
             if log_x:
                 ax.set_xscale("log")
             ax.set_title(f"density {d:g}")
@@ -275,7 +276,7 @@ def _curve(metrics: dict) -> tuple[list[int], list[float], list[float]]:
     for r in metrics.get("rounds", []):
         total += r["bytes_up"] + r["bytes_down"]
         if r["accuracy"] is not None:
-            points.append((r["round"], r["accuracy"], max(total, 1)))
+            points.append((r["round"], r["accuracy"], total))
     return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
 
 

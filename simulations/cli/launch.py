@@ -1,8 +1,8 @@
 """Run the ServerApp and ClientApp in Flower's Ray-backed simulation, through `flwr run`.
 
-Each run gets its own SuperLink on free ports and its own FLWR_HOME inside the output
-directory, so runs (and tests) never collide, and every process is stopped at the
-end, also on Ctrl-C or failure. `flwr run` exits 0 even when a run failed, so success
+Each run gets its own SuperLink on free ports and its own FLWR_HOME in a temporary folder
+(removed after the run: the SuperLink unpacks a copy of the app's sources there), so runs
+(and tests) never collide, and every process is stopped at the end, also on Ctrl-C or failure. `flwr run` exits 0 even when a run failed, so success
 is judged by the run's own metrics.json. `fedtiny run`, `fedtiny compare`, `fedtiny deploy-local`
 and the benchmarks (simulations/harness.py) launch through here.
 """
@@ -16,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ import psutil
 from server.recorder import PROGRESS_PREFIX
 from shared import rundir
 from shared.config import Config, to_flat
+from shared.registry import USER_DIR_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` ships (pyproject.toml)
 ROUND_LINE = re.compile(re.escape(PROGRESS_PREFIX) + r" round (\d+)/(\d+) (.*)")
@@ -63,12 +65,25 @@ def flower_env(flwr_home: Path, http_port: int, ray_address: str = "") -> dict[s
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    env.setdefault(USER_DIR_ENV, os.getcwd())  # trusted packages of the user's directory (shared.registry)
     # Ray hides every GPU from an actor that reserves none; with simulation.gpus_per_client=0 the
     # clients then share the visible GPUs unreserved instead (device=cuda still reaches them).
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     return env
+
+
+@contextmanager
+def flower_home() -> Iterator[Path]:
+    """A private FLWR_HOME for one run, removed after it.
+
+    The SuperLink unpacks the app it runs (a copy of the project's sources, about 0.6 MB) into
+    FLWR_HOME/apps and runs the ServerApp and ClientApps from there; nothing needs it afterwards,
+    so it stays out of the output folder.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedtiny-flwr-") as home:
+        yield Path(home)
 
 
 @contextmanager
@@ -151,23 +166,22 @@ def federation_config(config: Config) -> str:
 def simulate(config: Config, out: Path, progress: bool = True, echo: bool = True) -> dict:
     """Run `config` in simulation, writing outputs to `out`; returns metrics.json's content."""
     out.mkdir(parents=True, exist_ok=True)
-    flwr_home = out / rundir.FLWR_HOME
-    flwr_home.mkdir(exist_ok=True)
     run_config = out / rundir.RUN_CONFIG
     write_run_config(config, run_config)
-    env = flower_env(flwr_home, free_port(), config.simulation.ray_address)
     cmd = [
         "flwr", "run", str(PROJECT_ROOT), "--stream",
         "--run-config", str(run_config), "--federation-config", federation_config(config),
     ]
-    log_path = out / rundir.RUN_LOG
-    with local_superlink(env, flwr_home / rundir.SUPERLINK_LOG), open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            follow(proc, log, config.fl.rounds, progress, echo)
-        finally:
-            stop_group(proc)
-    return read_metrics(out, f"{log_path} and {flwr_home / rundir.SUPERLINK_LOG}")
+    log_path, superlink_log = out / rundir.RUN_LOG, out / rundir.SUPERLINK_LOG
+    with flower_home() as home:
+        env = flower_env(home, free_port(), config.simulation.ray_address)
+        with local_superlink(env, superlink_log), open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                follow(proc, log, config.fl.rounds, progress, echo)
+            finally:
+                stop_group(proc)
+    return read_metrics(out, f"{log_path} and {superlink_log}")
 
 
 def read_metrics(out: Path, logs: str) -> dict:
@@ -182,13 +196,15 @@ def read_metrics(out: Path, logs: str) -> dict:
     return metrics
 
 
-def follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool) -> None:
-    """Stream Flower's output to the log; show our progress lines and a live bar."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
+def follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool, live: bool | None = None) -> None:
+    """Stream Flower's output to the log; show our progress lines, under a live bar on a terminal.
 
-        bar = tqdm(total=rounds, unit="round", dynamic_ncols=True, file=sys.stderr)
+    Off a terminal (`live` False: a log file or a pipe) there is no bar, so no carriage-return
+    fragments, only whole lines. The bar starts with the ServerApp's first line, so its elapsed
+    time is the run's own (metrics.json's wall_seconds), not Flower's and Ray's start-up.
+    """
+    live = progress and (sys.stderr.isatty() if live is None else live)
+    bar = None
     try:
         for line in proc.stdout:
             log.write(line)
@@ -197,6 +213,10 @@ def follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool)
             if PROGRESS_PREFIX not in text:
                 continue
             text = text[text.index(PROGRESS_PREFIX):]
+            if live and bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=rounds, unit="round", dynamic_ncols=True, file=sys.stderr)
             if echo:
                 (bar.write(text) if bar else print(text, flush=True))
             match = ROUND_LINE.match(text)

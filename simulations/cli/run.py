@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from shared import rundir
@@ -22,6 +23,7 @@ def _run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
     config, out = with_output_dir(config)
     preflight(config)
+    started = time.monotonic()
     try:
         metrics = simulate(config, out, progress=not args.no_progress)
     except RunFailed as exc:
@@ -29,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\nfedtiny: interrupted; continue from the last checkpoint with: fedtiny run --resume {out}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print_summary(metrics, out)
+    print_summary(metrics, out, time.monotonic() - started)
     return 0
 
 
@@ -60,5 +62,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace) -> int:
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    config = load_config(args.config, args.overrides)
+    preflight(config)  # the same checks as a run: data, partition, model, density
+    print(to_yaml(config), end="")
     return 0
