@@ -110,3 +110,12 @@ def test_client_runtime_keeps_the_cpu_path_on_cpu(tmp_path):
     assert rt.device == torch.device("cpu")
     assert isinstance(rt.train_batches(0)(0), Batches)
     assert next(rt.new_model().parameters()).device == torch.device("cpu")
+
+
+@needs_no_cuda
+def test_gpu_check_exits_2_with_one_line_without_cuda(capsys):
+    from simulations.gpu_check import main as gpu_check
+
+    assert gpu_check(["--skip-regime"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "no CUDA GPU" in captured.err
