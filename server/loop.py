@@ -61,6 +61,8 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
             return None, f"non-finite values in {name}"
     tensors = {n: v.to(gm.state[n].dtype) for n, v in tensors.items()}
     for name, mask in gm.masks.items():
+        if name not in masks:
+            return None, f"{name} arrived dense, without the global mask (density {mask.float().mean():.4f})"
         if not torch.equal(masks[name], mask):
             return None, f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
     if num_examples <= 0:
