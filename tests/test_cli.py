@@ -64,3 +64,105 @@ def test_compare_checks_every_cell_before_the_first_one_runs(capsys, no_run, tmp
     code = cli_main(["compare", "--methods", "fedtiny", "--densities", "0.05,0.001", f"output_dir={tmp_path}"])
     assert code == 2 and "0.001 keeps 65" in one_line_error(capsys)
     assert not (tmp_path / "fedtiny-d0.05-s0").exists()
+
+
+class FakeFlower:
+    """What `follow` reads from `flwr run --stream`: lines of output, then an exit."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.stdout = iter(lines)
+
+    def wait(self) -> int:
+        return 0
+
+
+STREAM = [
+    "INFO : Starting\n",
+    "[fedtiny] output directory /tmp/x\n",
+    "\x1b[92m[fedtiny] round 0/2 phase=search clients=4\x1b[0m\n",
+    "[fedtiny] round 1/2 phase=train clients=2\n",
+]
+
+
+def test_off_a_terminal_the_progress_is_whole_lines_without_a_bar(capsys, tmp_path):
+    with open(tmp_path / "run.log", "w") as log:
+        launch.follow(FakeFlower(STREAM), log, rounds=2, progress=True, echo=True, live=False)
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "[fedtiny] output directory /tmp/x", "[fedtiny] round 0/2 phase=search clients=4", "[fedtiny] round 1/2 phase=train clients=2",
+    ]
+    assert "\r" not in out + err and err == ""
+    assert (tmp_path / "run.log").read_text() == "".join(STREAM)
+
+
+def test_on_a_terminal_a_bar_counts_the_rounds(capsys, tmp_path):
+    with open(tmp_path / "run.log", "w") as log:
+        launch.follow(FakeFlower(STREAM), log, rounds=2, progress=True, echo=True, live=True)
+    err = capsys.readouterr().err
+    assert "\r" in err and "1/2" in err
+
+
+def test_the_final_line_names_the_runs_duration_apart_from_the_commands(capsys, tmp_path):
+    summary = {"accuracy": 0.9, "density": 0.05, "bytes_ratio": 0.05, "wall_seconds": 52.14}
+    common.print_summary({"summary": summary}, tmp_path, total_seconds=71.0)
+    assert capsys.readouterr().out.strip() == (
+        f"accuracy=0.9000 density=0.0500 bytes_ratio=0.0500 wall_seconds=52.1 total_seconds=71.0 outputs={tmp_path}"
+    )
+
+
+def test_flowers_home_with_its_copy_of_the_app_is_gone_after_the_run():
+    with launch.flower_home() as home:
+        (home / "apps").mkdir()
+        assert home.is_dir()
+    assert not home.exists()
+
+
+def test_the_search_round_line_counts_the_clients_it_used(tmp_path, capsys):
+    from simulations.inprocess import run_in_process
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["fl.rounds=1", "warmup.epochs=0", "fedtiny.scores=magnitude"])
+    metrics, _ = run_in_process(config, tmp_path)
+    search = metrics["rounds"][0]
+    assert search["phase"] == "search" and 2 <= search["clients"] <= 4  # fedtiny.search_clients=2, maybe resampled
+    assert "round 0/1 phase=search" in capsys.readouterr().out
+    assert metrics["rounds"][1]["dense_bytes"] > 0 and search["dense_bytes"] == 0  # the search is not billed to dense
+
+
+USER_MODEL = '''
+from torch import nn
+
+
+def tiny_mlp(num_classes, input_shape, width=1.0):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                         nn.Linear(64, num_classes))
+'''
+USER_DATA = '''
+import numpy as np
+from sklearn.datasets import load_digits
+
+
+def my_data(seed, test_fraction):
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32).reshape(-1, 1, 8, 8)
+    order = np.random.default_rng(seed).permutation(len(y))
+    cut = int(len(y) * (1 - test_fraction))
+    return x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
+'''
+
+
+@pytest.mark.integration
+def test_the_readme_recipe_runs_a_users_model_and_data_from_the_current_directory(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "models.py").write_text(USER_MODEL)
+    (tmp_path / "mypkg" / "data.py").write_text(USER_DATA)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    out = tmp_path / "run"
+    args = ["run", "--no-progress", "model.name=mypkg.models:tiny_mlp", "dataset.name=mypkg.data:my_data",
+            "trusted=mypkg", "pruning.keep_first_dense=false", "fl.rounds=2", "fl.num_clients=4", f"output_dir={out}"]
+    assert cli_main(args) == 0
+    assert (out / "metrics.json").exists() and not (out / ".flwr").exists()
