@@ -7,6 +7,7 @@ import inspect
 import math
 import pkgutil
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -600,3 +601,167 @@ def test_a_variant_selection_of_the_wrong_length_is_a_value_error() -> None:
     base, _ = codec.encode_variants(state, variants)
     with pytest.raises(codec.DecodeError, match=r"claims shape \(3,\), expected"):
         codec.decode_variants(base, [encode({"w": torch.ones(3, dtype=torch.uint8)})])
+
+
+# ----------------------------------------------------------------------------- bounded decoding
+
+
+def rss_growth_mb(fn) -> float:
+    """Peak resident memory growth while `fn` runs, in MB (Linux ru_maxrss is in KiB; it never goes down)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def masked_bomb(name: bytes = b"w", numel: int = 2**28, code: int = 2) -> bytes:
+    """A masked entry of `numel` elements with an empty varint mask: no mask or value bytes at all."""
+    e = entry(name, code, (numel,), 0x01 | 0x02 | (int(MaskEncoding.VARINT) << 2), b"")
+    return e[:-8] + struct.pack("<I", 0) + e[-8:]
+
+
+def test_decode_error_is_the_value_error_every_decode_raises() -> None:
+    assert issubclass(codec.DecodeError, ValueError)
+    for bad in (b"", b"FTC", b"FTS\x01", b"FTZ\x01" + b"\xff" * 20):
+        for fn in (decode, decode_sparse, codec.inflate, lambda b: codec.decode_variants(b, [])):
+            if fn is codec.inflate and not bad.startswith(codec.DEFLATE_MAGIC):
+                continue
+            with pytest.raises(codec.DecodeError):
+                fn(bad)
+
+
+def test_31_byte_update_claiming_2_28_float64_elements_is_refused_before_allocating() -> None:
+    data = payload(masked_bomb())
+    assert len(data) == 31
+
+    def attempts() -> None:
+        with pytest.raises(codec.DecodeError, match="decoded elements"):
+            decode(data)  # no layout: the element budget
+        with pytest.raises(codec.DecodeError, match=r"claims shape \(268435456,\), expected \(100,\)"):
+            decode(data, expected={"w": ((100,), torch.float32)})
+
+    assert rss_growth_mb(attempts) < 50
+
+
+def test_three_bombs_under_max_bytes_raise_decode_error_not_runtime_error() -> None:
+    data = payload(*(masked_bomb(n, 2**25) for n in (b"w1", b"w2", b"w3")))
+    assert len(data) == 80
+    with pytest.raises(codec.DecodeError, match="'w3' .* over 67108864 decoded elements"):
+        decode(data, max_bytes=1000)  # 2 x 2**25 fit the default budget, the third does not
+
+
+def test_bit_flip_in_a_dims_field_is_refused_by_the_expected_shape() -> None:
+    state = {"w": random_tensor((64, 64), torch.float32)}
+    masks = {"w": random_mask((64, 64), 0.02)}
+    data = bytearray(encode(state, masks, compress=False))
+    assert MaskEncoding((data[8 + 2 + 1 + 2 + 1 + 8] >> 2) & 3) != MaskEncoding.BITMASK  # indices: still valid if dims grow
+    dims = 8 + 2 + 1 + 2 + 1
+    data[dims + 2] ^= 0x20  # 64 -> 2,097,216 rows: 134 million elements, 0.5 GB of float32
+    expected = codec.expect(state)
+
+    def attempt() -> None:
+        with pytest.raises(codec.DecodeError, match=r"claims shape \(2097216, 64\), expected \(64, 64\)"):
+            decode(bytes(data), expected=expected)
+
+    assert rss_growth_mb(attempt) < 50
+
+
+def test_deflate_bomb_is_refused_by_the_expected_layout_before_inflating() -> None:
+    bomb = encode({"bn.mean": torch.zeros(2**24)})  # 64 MB of zeros in a few tens of kB
+    assert bomb[:3] == codec.DEFLATE_MAGIC and len(bomb) < 2**17
+    layout = {"bn.mean": ((16,), torch.float32), "bn.var": ((16,), torch.float32), "bn.count": ((1,), torch.int64)}
+
+    def attempt() -> None:
+        with pytest.raises(codec.DecodeError, match="over the limit"):
+            decode(bomb, expected=layout)
+
+    assert rss_growth_mb(attempt) < 20
+
+
+def test_deflated_payload_claiming_zero_bytes_is_refused() -> None:
+    """zlib reads max_length=0 as no limit at all."""
+    data = struct.pack("<3sBQ", codec.DEFLATE_MAGIC, codec.VERSION, 0) + zlib.compress(b"\x00" * 1000)
+    with pytest.raises(codec.DecodeError, match="claims 0 bytes"):
+        codec.inflate(data)
+
+
+def test_honest_payloads_decode_within_their_expected_layout() -> None:
+    state = {"w": random_tensor((16, 8), torch.float32), "h": random_tensor((5,), torch.float16),
+             "n": torch.tensor(3), "d": random_tensor((40,), torch.float64)}
+    for density in (0.0, 0.02, 0.5, 1.0):
+        masks = {"w": random_mask((16, 8), density), "d": random_mask((40,), density)}
+        for kwargs in ({}, {"compress": False}, {"dtype": None}, {"dtype": torch.float16}, {"shuffle": False}):
+            tensors, out_masks = decode(encode(state, masks, **kwargs), expected=codec.expect(state))
+            assert set(tensors) == set(state) and all(torch.equal(out_masks[n], masks[n]) for n in masks)
+
+
+@pytest.mark.parametrize("layout, match", [
+    ({"v": ((3,), torch.float32)}, "unexpected entry 'w'"),
+    ({"w": ((4,), torch.float32)}, r"claims shape \(3,\), expected \(4,\)"),
+    ({"w": ((3,), torch.float16)}, "is torch.float32, expected float16"),
+    ({"w": ((3,), (torch.int64, torch.int32))}, "expected int32, int64"),
+], ids=["name", "shape", "dtype", "dtypes"])
+def test_decode_refuses_entries_outside_the_expected_layout(layout: dict, match: str) -> None:
+    with pytest.raises(codec.DecodeError, match=match):
+        decode(encode({"w": torch.ones(3)}), expected=layout)
+
+
+def test_more_entries_than_expected_are_refused_from_the_header() -> None:
+    data = encode({"a": torch.ones(1), "b": torch.ones(1)}, compress=False)
+    with pytest.raises(codec.DecodeError, match="claims 2 entries, the receiver expects at most 1"):
+        decode(data, expected={"a": ((1,), torch.float32)})
+
+
+def test_max_elements_budget_counts_every_entry() -> None:
+    data = encode({"a": torch.ones(6), "b": torch.ones(6)})
+    decode(data, max_elements=12)
+    with pytest.raises(codec.DecodeError, match="'b' of shape \\(6,\\) takes the payload over 11 decoded elements"):
+        decode(data, max_elements=11)
+
+
+def test_mask_indices_longer_than_the_bitmask_are_refused_before_decoding() -> None:
+    with pytest.raises(codec.DecodeError, match="more than the 1-byte bitmask"):
+        decode_mask(MaskEncoding.VARINT, b"\x00" * 2, (8,))
+
+
+def test_decode_sparse_checks_names_shapes_and_counts_against_the_expected_shapes() -> None:
+    data = encode_sparse({"g": (torch.tensor([1, 3]), torch.tensor([0.5, -1.0]), (4,))})
+    assert set(decode_sparse(data, expected={"g": (4,), "h": (9,)})) == {"g"}
+    with pytest.raises(codec.DecodeError, match=r"'g' of shape \(4,\) is not what the receiver expects \(\(5,\)\)"):
+        decode_sparse(data, expected={"g": (5,)})
+    with pytest.raises(codec.DecodeError, match="'g' of shape"):
+        decode_sparse(data, expected={"h": (4,)})
+    raw = bytearray(encode_sparse({"g": (torch.tensor([0]), torch.tensor([1.0]), (1,))}))
+    count = 8 + 2 + 1 + 1 + 4 + 1
+    raw[count:count + 8] = struct.pack("<Q", 2)  # two entries claimed for a one-element tensor
+    raw += b"\x00" * 8
+    with pytest.raises(codec.DecodeError, match="claims 2 entries for a tensor of 1 elements"):
+        decode_sparse(bytes(raw))
+
+
+def test_load_refuses_a_file_over_max_bytes_before_reading_and_names_a_corrupt_file(tmp_path) -> None:
+    path = tmp_path / "model.ftc"
+    codec.save(path, {"w": torch.ones(100)})
+    with pytest.raises(codec.DecodeError, match="model.ftc: .* over max_bytes=10"):
+        codec.load(path, max_bytes=10)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(codec.DecodeError, match="model.ftc: compressed payload does not inflate") as err:
+        codec.load(path)
+    assert "\n" not in str(err.value)
+
+
+def test_packed_model_naming_a_module_is_refused_without_importing_it(tmp_path, monkeypatch) -> None:
+    """A packed file names its model; only built-in names rebuild, a module:callable is never imported."""
+    from shared import export
+    from shared.models import build_model
+
+    (tmp_path / "evil_pkg").mkdir()
+    (tmp_path / "evil_pkg" / "__init__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\nbuild = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model("cnn", 10, (1, 28, 28))
+    spec = export.ModelSpec("evil_pkg:build", 10, (1, 28, 28), 1.0)
+    export.save_packed(tmp_path / "model.packed", model, spec, None)
+    with pytest.raises(ValueError, match="'evil_pkg:build' would import and run code from package 'evil_pkg', which is not trusted"):
+        export.load_packed(tmp_path / "model.packed")
+    assert not (tmp_path / "ran").exists()
