@@ -353,7 +353,7 @@ def test_cli_unknown_suffix_and_contradicting_format_are_one_line_errors(run_dir
     assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.pt")]) == 2
     unknown, contradiction = capsys.readouterr().err.strip().splitlines()
     assert "unknown suffix '.bin'" in unknown and ".ftc (packed)" in unknown
-    assert contradiction.endswith("--format onnx contradicts --out " + str(tmp_path / "m.pt") + " (a .pt file is torchscript)")
+    assert contradiction.endswith(f"--format onnx contradicts --out {tmp_path / 'm.pt'} (a .pt file is torchscript)")
     assert not list(tmp_path.iterdir())
 
 
@@ -475,7 +475,9 @@ def test_cli_infer_refuses_a_dataset_the_model_does_not_record(seeded_run: Path,
     export.export(seeded_run, None, tmp_path / "m.ftc")
     assert main(["infer", str(tmp_path / "m.ftc"), "--dataset", "fashion-mnist"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == f"fedtiny: --dataset fashion-mnist contradicts {tmp_path / 'm.ftc'}, which records dataset digits"
+    assert captured.err.strip() == (
+        f"fedtiny: --dataset fashion-mnist contradicts {tmp_path / 'm.ftc'}, which records dataset digits"
+    )
     assert captured.out == ""
 
 

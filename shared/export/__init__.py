@@ -24,7 +24,8 @@ This package never imports Flower; onnx and onnxruntime are imported only when u
 
 Modules, one job each: `spec` (the architecture spec, the run directory, rebuilding a model),
 `folding` (BN into conv / linear), `compaction`, `metadata`, `formats` (choose, save, load, detect
-each format), `onnx_sparse`, `c_export` and `predict` (running an exported file). Import from `shared.export`: it re-exports the public API and holds `export`.
+each format), `onnx_sparse`, `c_export` and `predict` (running an exported file). Import from
+`shared.export`: it re-exports the public API and holds `export`.
 """
 
 from __future__ import annotations

@@ -113,5 +113,7 @@ def from_json(text: str, where: str) -> dict[str, Any]:
     except (json.JSONDecodeError, AttributeError, TypeError) as exc:
         raise ValueError(f"{where}: corrupt fedtiny metadata ({type(exc).__name__}: {exc})") from None
     if version != (META_FORMAT, META_VERSION):
-        raise ValueError(f"{where}: metadata is {version[0]} v{version[1]}; this build reads {META_FORMAT} v{META_VERSION}")
+        raise ValueError(
+            f"{where}: metadata is {version[0]} v{version[1]}; this build reads {META_FORMAT} v{META_VERSION}"
+        )
     return meta

@@ -42,7 +42,8 @@ def _rebuild_nodes(onnx, name: str, k: int, shape: tuple[int, ...], numel: int) 
     """
     helper, T = onnx.helper, onnx.TensorProto
     p = f"_{k}."
-    inits = [helper.make_tensor(p + "n", T.INT64, [1], [numel]), helper.make_tensor(p + "s", T.INT64, [len(shape)], list(shape))]
+    inits = [helper.make_tensor(p + "n", T.INT64, [1], [numel]),
+             helper.make_tensor(p + "s", T.INT64, [len(shape)], list(shape))]
     zero = helper.make_tensor("value", T.FLOAT, [1], [0.0])
     nodes = [
         helper.make_node("ConstantOfShape", [p + "n"], [p + "z"], value=zero),

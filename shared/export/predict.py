@@ -60,9 +60,9 @@ def _c_predictor(path: str | os.PathLike) -> Predictor:
     binary = build(path, workdir.name)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        predict.workdir = workdir  # the binary lives as long as the predictor
         return run_binary(binary, x)
 
+    predict.workdir = workdir  # the binary's folder lives as long as the predictor
     return predict
 
 

@@ -126,7 +126,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     inf.add_argument("models", nargs="+", metavar="RUN_DIR|MODEL",
                      help="run directories or exported files, timed in one process")
     inf.add_argument("--dataset", default=None, help="dataset name (default: what the models record)")
-    inf.add_argument("--dataset-path", default=None, help="dataset location (default: the run's, else the dataset's own)")
+    inf.add_argument("--dataset-path", default=None,
+                     help="dataset location (default: the run's, else the dataset's own)")
     inf.add_argument("--seed", type=int, default=None, help="split seed (default: the recorded one, else 0)")
     inf.add_argument("--test-fraction", type=float, default=None,
                      help="dataset.test_fraction (default: the recorded one, else 0.2)")
