@@ -52,6 +52,7 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
         config = bench_config(args.smoke, [
             f"fl.num_clients={n}", f"fl.clients_per_round={per_round}", f"fedtiny.search_clients={per_round}",
             f"fl.rounds={2 if args.smoke else 3}", "simulation.virtual_partitions=true",
+            "dataset.holdout=0.3",  # 6 images a client at 10,000: 2 held out (BN recalibration needs 2), 4 to train
         ])
         out = work / f"scale-{n}"
         note(f"scale: {n} clients, {per_round} per round, {config.fl.rounds} rounds -> {out}")
