@@ -14,7 +14,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client import tasks
+from client import attacks, tasks
 from client.runtime import client_runtime
 
 app = ClientApp()
@@ -23,6 +23,9 @@ app = ClientApp()
 def _run(handler, msg: Message, context: Context) -> Message:
     runtime = client_runtime(context, msg.content)
     content = handler(runtime, msg.content, context.state)
+    if runtime.partition_id in attacks.attackers(runtime.config):  # the attack drill (simulation.attack)
+        masks = tasks.stored_masks(context.state)
+        content = attacks.poison(runtime.config.simulation.attack, msg.metadata.message_type, msg.content, content, masks)
     return Message(content, reply_to=msg)
 
 

@@ -24,8 +24,8 @@ from shared.batchnorm import (
     running_stat_names,
     running_stats_for_upload,
 )
-from shared.training import evaluate as evaluate_model
 from shared.device import to_cpu
+from shared.training import evaluate as evaluate_model
 from shared.training import local_scores, train_masked
 
 MASK_STATE = "fedtiny-masks"
@@ -50,7 +50,8 @@ def _fault_drill(rt: ClientRuntime, mode: str | None) -> None:
 
 
 def hello(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
-    return _reply(metrics={p.PARTITION: rt.partition_id, p.NUM_EXAMPLES: len(rt.data.y_train)})
+    d = rt.data
+    return _reply(metrics={p.PARTITION: rt.partition_id, p.NUM_EXAMPLES: len(d.y_train), p.HOLDOUT_EXAMPLES: len(d.y_holdout)})
 
 
 def scores(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
@@ -126,7 +127,7 @@ def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torc
     """Decode the global model with the masks this node already holds, and remember new masks.
 
     The model and the masks returned are on the runtime's device."""
-    known = _stored_masks(state)
+    known = stored_masks(state)
     model = rt.new_model()
     tensors, masks = codec.decode(blob, masks=known, expected=codec.expect(model.state_dict()))
     if masks:
@@ -138,7 +139,7 @@ def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torc
     return model, {n: m.to(rt.device) for n, m in masks.items()}
 
 
-def _stored_masks(state: RecordDict) -> dict[str, torch.Tensor]:
+def stored_masks(state: RecordDict) -> dict[str, torch.Tensor]:
     if MASK_STATE not in state:
         return {}
     tensors, _ = codec.decode(state[MASK_STATE]["masks"])

@@ -1,7 +1,16 @@
-"""Server-side aggregation: sample-weighted averages of client states over active positions."""
+"""Server-side aggregation: sample-weighted averages of client states over active positions, made robust.
+
+One client of ten must not be able to poison the round (issue "One client, file or name cannot
+crash, poison or take over a run"): `clip_to_median` bounds every update's distance from the
+global model by a multiple of the round's median distance (adaptive, so honest rounds are
+untouched), `cap_weights` bounds any client's share of the sample weights, and `combine` offers
+coordinate-wise trimmed mean or median (Yin et al., "Byzantine-Robust Distributed Learning",
+ICML 2018, arXiv 1803.01498) besides FedAvg.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -15,21 +24,127 @@ def weighted_average(states: Sequence[Tensors], weights: Sequence[float], masks:
     Float tensors are averaged; integer buffers (BN's num_batches_tracked) take the
     maximum. With masks, pruned positions stay exactly zero.
     """
+    return combine(states, weights, masks)
+
+
+def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors | None = None,
+            aggregator: str = "mean", trim_fraction: float = 0.1) -> Tensors:
+    """Float tensors by `aggregator`: "mean" (sample-weighted, FedAvg), "trimmed-mean" (per
+    coordinate, the `trim_fraction` largest and smallest client values dropped, the rest averaged
+    unweighted) or "median" (per coordinate). Integer buffers take the maximum; with masks, pruned
+    positions stay exactly zero."""
     if not states:
         raise ValueError("nothing to aggregate")
     total = float(sum(weights))
     out: Tensors = {}
     for name, first in states[0].items():
-        if first.is_floating_point():
-            acc = torch.zeros_like(first, dtype=torch.float64)
-            for state, w in zip(states, weights):
-                acc += state[name].double() * (w / total)
-            value = acc.to(first.dtype)
-            if masks and name in masks:
-                value = value * masks[name]
-            out[name] = value
-        else:
+        if not first.is_floating_point():
             out[name] = torch.stack([s[name] for s in states]).amax(0)
+            continue
+        if aggregator == "mean":
+            value = torch.zeros_like(first, dtype=torch.float64)
+            for state, w in zip(states, weights):
+                value += state[name].double() * (w / total)
+        else:
+            value = _robust(torch.stack([s[name].double() for s in states]), aggregator, trim_fraction)
+        value = value.to(first.dtype)
+        out[name] = value * masks[name] if masks and name in masks else value
+    return out
+
+
+def _robust(stacked: torch.Tensor, aggregator: str, trim_fraction: float) -> torch.Tensor:
+    if aggregator == "median":
+        return stacked.quantile(0.5, dim=0) if stacked.numel() <= 2**24 else stacked.median(0).values
+    if aggregator == "trimmed-mean":
+        n = stacked.shape[0]
+        cut = min(int(math.floor(trim_fraction * n)), (n - 1) // 2)
+        return stacked.sort(0).values[cut : n - cut].mean(0)
+    raise ValueError(f"unknown aggregator {aggregator!r}; use mean, trimmed-mean or median")
+
+
+def distance(reference: Tensors, update: Tensors) -> float:
+    """L2 distance of an update's float tensors from `reference` (in float64: no overflow)."""
+    return math.sqrt(sum(float(((update[n].double() - reference[n].double()) ** 2).sum())
+                         for n in update if update[n].is_floating_point()))
+
+
+def clip_update(reference: Tensors, update: Tensors, max_norm: float) -> Tensors:
+    """Scale the update's distance from `reference` down to `max_norm` (float tensors only)."""
+    norm = distance(reference, update)
+    if norm <= max_norm:
+        return update
+    scale = max_norm / norm
+    return {n: (reference[n].double() + (v.double() - reference[n].double()) * scale).to(v.dtype)
+            if v.is_floating_point() else v for n, v in update.items()}
+
+
+def clip_to_median(reference: Tensors, updates: Sequence[Tensors], multiple: float) -> tuple[list[Tensors], int]:
+    """Every update's distance from `reference` clipped to `multiple` x the round's median distance
+    (adaptive clipping: the bound follows the honest majority, so one client's scale cannot take the
+    round over, while honest updates, which sit near the median, pass unchanged). Returns the updates
+    and how many were clipped."""
+    if multiple <= 0 or len(updates) < 2:
+        return list(updates), 0
+    norms = [distance(reference, u) for u in updates]
+    bound = multiple * sorted(norms)[(len(norms) - 1) // 2]
+    out = [clip_update(reference, u, bound) if n > bound else u for u, n in zip(updates, norms)]
+    return out, sum(n > bound for n in norms)
+
+
+def cap_weights(weights: Sequence[float], share: float) -> list[float]:
+    """Sample weights with none above `share` of their total (0: unchanged): the largest are lowered
+    to a common cap c with c = share x sum(min(w, c)) (water-filling), so the cap holds after capping."""
+    weights = [float(w) for w in weights]
+    if share <= 0 or share * len(weights) < 1:
+        return weights
+    cap = share * sum(weights)
+    for _ in range(100):
+        new = share * sum(min(w, cap) for w in weights)
+        if abs(new - cap) <= 1e-12 * cap:
+            break
+        cap = new
+    return [min(w, cap) for w in weights]
+
+
+def clip_to_mad(values: Sequence[float], k: float = 5.0) -> list[float]:
+    """Scalars (e.g. clients' mean losses of one candidate) clipped to median +- k x MAD: a robust
+    bound on one client's pull (a loss of 0 or 1e30 cannot pick or sink a candidate), while an honest
+    majority's values, which sit within a few MADs, are unchanged."""
+    s = sorted(values)
+    if not s:
+        return []
+    med = s[(len(s) - 1) // 2]
+    mad = sorted(abs(v - med) for v in s)[(len(s) - 1) // 2]
+    return [min(max(v, med - k * mad), med + k * mad) for v in values]
+
+
+def robust_mean_loss(loss_sums: Sequence[float], counts: Sequence[int]) -> float:
+    """Pooled per-example loss of clients' (loss sum, examples), robust to one client in ten: each
+    client's mean loss is clipped to the median +- 5 MAD (`clip_to_mad`), then with 4 or more clients
+    the max(1, n // 10) highest and as many lowest are left out (trimmed), and the rest weighted by
+    examples. A client reporting 0 for one candidate and 1e30 for the others then changes nothing."""
+    means = clip_to_mad([s / n for s, n in zip(loss_sums, counts)])
+    cut = max(1, len(means) // 10) if len(means) >= 4 else 0
+    kept = sorted(range(len(means)), key=means.__getitem__)[cut : len(means) - cut]
+    return sum(means[i] * counts[i] for i in kept) / sum(counts[i] for i in kept)
+
+
+def clip_bn_stats(stats: Sequence[dict], k: float = 6.0) -> list[dict]:
+    """Clients' BN statistics of one candidate with every channel's mean clipped to the clients' median
+    mean +- k standard deviations (the median variance) and its variance to at most k^2 times the
+    median variance: one client cannot move the pooled statistics (and so every candidate's loss) far,
+    while honest clients, whose inputs share a distribution, are untouched."""
+    if len(stats) < 3:
+        return list(stats)
+    out = [dict(s) for s in stats]
+    for name in stats[0]:
+        means = torch.stack([s[name][0] for s in stats])
+        variances = torch.stack([s[name][1] for s in stats])
+        centre, spread = means.median(0).values, variances.median(0).values
+        half = k * spread.sqrt()
+        for s, mean, var in zip(out, means, variances):
+            s[name] = (torch.maximum(torch.minimum(mean, centre + half), centre - half),
+                       torch.minimum(var, k * k * spread), s[name][2])
     return out
 
 

@@ -22,6 +22,7 @@ from shared.accounting import count_parameters, flops, model_size
 from shared.config import Config, from_flat, to_yaml
 from shared.data import load_for
 from shared.export import write_spec
+from shared.partition import partition_sizes
 
 app = ServerApp()
 log = logging.getLogger("fedtiny")
@@ -69,7 +70,8 @@ def run(grid: Grid, config: Config) -> Path:
         write_spec(out, config, bundle)  # what export needs, so it never reloads the dataset
         ctx = RunContext(config, fleet, bundle, recorder, out)
         ctx.tracker = tracker
-        fleet.register()
+        d = config.dataset
+        fleet.register(lambda: partition_sizes(bundle, config.fl.num_clients, d.partition, d.alpha, d.holdout, config.seed))
         method = methods.load(config.method, config.trusted)(ctx)
         gm = loop.run_training(ctx, method)
         federated = loop.federated_evaluation(ctx, gm)

@@ -80,15 +80,20 @@ class Fleet:
         self.timeout = timeout
         self.traffic = Traffic()
         self.partition_of: dict[int, int] = {}
-        self.examples_of: dict[int, int] = {}
+        self.examples_of: dict[int, tuple[int, int]] = {}  # node -> (train, held-out) examples it holds
         self.nodes: list[int] = []  # node ids in partition order: sampling is reproducible by seed
 
-    def register(self) -> None:
+    def register(self, sizes: Callable[[], list[tuple[int, int]]] | None = None) -> None:
         """Wait for all nodes, then learn each node's partition so sampling is reproducible by seed.
 
         With virtual partitions (simulation only) node i of the sorted ids is told it holds
-        partition i in every message, so a fleet of thousands needs no registration round.
+        partition i in every message, so a fleet of thousands needs no registration round; `sizes()`
+        gives each partition's (train, held-out) example counts, the bound on what a node may report.
+        Otherwise each node's hello says it (checked by `server.replies.check_hello`; a bad hello
+        leaves that node out, logged).
         """
+        from server.replies import check_hello
+
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         while len(nodes := sorted(self.grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
@@ -97,15 +102,22 @@ class Fleet:
         if self.virtual:
             self.partition_of = {n: i for i, n in enumerate(nodes[: self.num_clients])}
             self.nodes = list(self.partition_of)
+            if sizes is not None:
+                self.examples_of = dict(zip(self.nodes, sizes()))
             log.info("assigned %d partitions to virtual clients", len(self.nodes))
             return
         # Not a round: the first message also starts every client (cold start), so it gets the
         # registration timeout rather than fl.round_timeout.
         replies = self.exchange({n: RecordDict() for n in nodes}, p.HELLO, max(self.timeout, REGISTRATION_TIMEOUT_S))
         for r in replies:
-            metrics = r.content[p.METRICS]
-            self.partition_of[r.node_id] = int(metrics[p.PARTITION])
-            self.examples_of[r.node_id] = int(metrics[p.NUM_EXAMPLES])
+            hello, reason = check_hello(r, self.num_clients)
+            if reason is not None:
+                self.reject(r.node_id, p.HELLO, reason)
+            elif hello[0] in self.partition_of.values():
+                self.reject(r.node_id, p.HELLO, f"partition {hello[0]} is already registered by another node")
+            else:
+                self.partition_of[r.node_id] = hello[0]
+                self.examples_of[r.node_id] = hello[1:]
         self.nodes = sorted(self.partition_of, key=self.partition_of.__getitem__)
         log.info("registered %d nodes", len(self.nodes))
 
@@ -165,13 +177,7 @@ class Fleet:
             if not nodes:
                 break
             sampled += nodes
-            for reply in self.exchange({n: build(n) for n in nodes}, message_type):
-                decoded, reason = check(reply)
-                if reason is None:
-                    reply.decoded = decoded
-                    accepted.append(reply)
-                else:
-                    self.reject(reply.node_id, message_type, reason)
+            accepted += self.accepted(self.exchange({n: build(n) for n in nodes}, message_type), message_type, check)
             if len(accepted) >= needed:
                 return sampled, accepted
             log.warning("%s: %d of %d replies (need %d); retrying with fresh clients", message_type, len(accepted), k, needed)
@@ -179,6 +185,31 @@ class Fleet:
             f"{message_type}: only {len(accepted)} usable replies from {len(sampled)} clients, need {needed} "
             "(check client errors above; lower fl.min_replies or raise fl.round_timeout)"
         )
+
+    def accepted(self, replies: list[Reply], message_type: str,
+                 check: Callable[[Reply], tuple[Any, str | None]] = lambda r: (None, None)) -> list[Reply]:
+        """The replies whose example count (a positive integer, at most what the node holds) and
+        `check` pass, each keeping what `check` decoded as `Reply.decoded`; the others are rejected."""
+        from server.replies import check_count
+
+        out = []
+        for reply in replies:
+            metrics = reply.content[p.METRICS] if p.METRICS in reply.content else {}
+            _, reason = check_count(metrics.get(p.NUM_EXAMPLES), self.holds(reply.node_id, message_type))
+            if reason is None:
+                reply.decoded, reason = check(reply)
+            if reason is None:
+                out.append(reply)
+            else:
+                self.reject(reply.node_id, message_type, reason)
+        return out
+
+    def holds(self, node: int, message_type: str) -> int | None:
+        """The examples `node` holds for a message type (training or held-out split); None when unknown."""
+        sizes = self.examples_of.get(node)
+        if sizes is None:
+            return None
+        return sizes[0] if message_type in (p.TRAIN, p.SCORES) else sizes[1]
 
     def _with_partition(self, content: RecordDict, node_id: int) -> RecordDict:
         """A copy of `content` whose config tells a virtual client which partition it holds."""

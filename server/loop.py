@@ -15,10 +15,13 @@ from flwr.app import ConfigRecord, RecordDict
 
 from server import checkpoint
 from server.context import RunContext
-from server.fleet import Reply, config_record, error_line
+from server.aggregate import clip_to_median, clip_update
+from server.fleet import Reply, config_record, error_line, log
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
+from server.replies import check_evaluate
 from shared import codec, protocol as p
+from shared.batchnorm import RUNNING_VAR
 from shared.pruning import layer_densities
 from shared.training import LR_SCHEDULES
 
@@ -40,8 +43,8 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
     """A client's update decoded against the global masks and the weights it was delta-coded
     against (the round's download), or the reason to reject it: (update, None) or (None, reason).
 
-    Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf,
-    a mask other than the global one (values at pruned positions, wrong density), and
+    Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf, negative
+    BN running variances, a mask other than the global one (values at pruned positions, wrong density), and
     num-examples <= 0. With `max_norm` > 0 the update's distance from the global model
     is clipped to that norm (bounding the influence of outliers). Pure: nothing is written.
     """
@@ -59,6 +62,8 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
             return None, f"{name} is {value.dtype} {tuple(value.shape)}, expected {gm.state[name].dtype} {tuple(gm.state[name].shape)}"
         if value.is_floating_point() and not torch.isfinite(value).all():
             return None, f"non-finite values in {name}"
+        if name.endswith(RUNNING_VAR) and bool((value < 0).any()):
+            return None, f"negative BN variance in {name}"
     tensors = {n: v.to(gm.state[n].dtype) for n, v in tensors.items()}
     for name, mask in gm.masks.items():
         if name not in masks:
@@ -68,16 +73,6 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
     if num_examples <= 0:
         return None, f"num-examples={num_examples}"
     return (clip_update(gm.state, tensors, max_norm) if max_norm > 0 else tensors), None
-
-
-def clip_update(reference: dict, update: dict, max_norm: float) -> dict:
-    """Scale the update's distance from `reference` down to `max_norm` (float tensors only)."""
-    deltas = {n: update[n] - reference[n] for n in update if update[n].is_floating_point()}
-    norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in deltas.values())))
-    if norm <= max_norm:
-        return update
-    scale = max_norm / norm
-    return {n: reference[n] + deltas[n] * scale if n in deltas else v for n, v in update.items()}
 
 
 def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
@@ -105,6 +100,12 @@ def training_round(ctx: RunContext, method: Method, gm: GlobalModel, t: int, ext
         gm.forget(node)
     for r in replies:
         gm.delivered(r.node_id)
+    clipped, count = clip_to_median(gm.state, [r.decoded for r in replies], ctx.config.fl.clip_multiple)
+    for r, update in zip(replies, clipped):
+        r.decoded = update
+    if count:
+        log.info("round %d: %d of %d updates clipped to %g x the median distance (fl.clip_multiple)",
+                 t, count, len(replies), ctx.config.fl.clip_multiple)
     gm.state = method.aggregate(ctx, gm, replies)
     ctx.dense_traffic(len(sampled), len(replies), gm.dense_bytes())
     return replies
@@ -160,19 +161,19 @@ def record_round(
         clients=clients, failures=len(traffic.failures), rejected=len(traffic.rejected),
         dense_bytes=ctx.dense_bytes_up + ctx.dense_bytes_down - sum(r.dense_bytes for r in ctx.recorder.rounds), train_loss=train_loss,
     )
-
-
     ctx.recorder.add(record)
     if ctx.tracker:
         ctx.tracker.round(record, layer_densities(gm.masks) if gm.masks else {})
+
+
 def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
     """Evaluate the final model on sampled clients' held-out splits (sample-weighted)."""
     build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731
-    sampled, replies = ctx.fleet.round(ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.rng)
+    sampled, got = ctx.fleet.round(ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.rng, check_evaluate)
     ctx.dense_traffic(len(sampled), 0, gm.dense_bytes())
-    n = sum(r.num_examples for r in replies)
+    n = sum(r.num_examples for r in got)
     return {
-        "federated_accuracy": sum(float(r.content[p.METRICS][p.ACCURACY]) * r.num_examples for r in replies) / n,
-        "federated_loss": sum(float(r.content[p.METRICS][p.LOSS]) * r.num_examples for r in replies) / n,
-        "federated_clients": len(replies),
+        "federated_accuracy": sum(r.decoded[1] * r.num_examples for r in got) / n,
+        "federated_loss": sum(r.decoded[0] * r.num_examples for r in got) / n,
+        "federated_clients": len(got),
     }

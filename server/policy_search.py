@@ -5,7 +5,9 @@ ICDCS 2023, https://arxiv.org/abs/2212.01977. The server builds a pool of coarse
 candidates (allocation x score), sampled clients recalibrate each candidate's BN
 statistics on their held-out data, the server pools them exactly (within- plus
 between-client variance), clients evaluate every candidate with the pooled statistics,
-and the candidate with the lowest sample-weighted loss wins. Clients keep the candidates
+and the candidate with the lowest sample-weighted loss wins. Replies are checked
+(`server.replies`) and outliers clipped before pooling (`server.aggregate.clip_bn_stats`,
+`robust_mean_loss`), so one client cannot steer the selection. Clients keep the candidates
 between the two steps, so each candidate travels once.
 """
 
@@ -18,12 +20,13 @@ import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from server import loop
+from server import loop, replies
+from server.aggregate import clip_bn_stats, robust_mean_loss
 from server.context import RunContext
 from server.global_model import GlobalModel
-from server.fleet import Reply, config_record, error_line
+from server.fleet import config_record
 from shared import codec, protocol as p
-from shared.batchnorm import BNStats, bn_stats_from_tensors, bn_stats_to_tensors, load_stats, pool_stats
+from shared.batchnorm import BNStats, bn_stats_layout, bn_stats_to_tensors, load_stats, pool_stats
 from shared.pruning import average_scores, compute_masks, masks_from_scores
 from shared.pruning.params import prunable_names
 from shared.pruning.scores import needs_data
@@ -50,25 +53,8 @@ def client_scores(ctx: RunContext, model: torch.nn.Module, score: str, clients: 
         return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: blob})})
 
     shapes = {n: tuple(w.shape) for n, w in model.named_parameters() if n in set(prunable_names(model))}
-    _, replies = ctx.fleet.round(clients, p.SCORES, build, ctx.rng, lambda r: check_scores(r, shapes))
-    return average_scores([r.decoded for r in replies], [r.num_examples for r in replies])
-
-
-def check_scores(reply: Reply, shapes: dict[str, tuple[int, ...]]) -> tuple[Tensors | None, str | None]:
-    """A client's scores (one finite float tensor per prunable weight, decoding bounded by their
-    size) and None, or None and why they are rejected."""
-    try:
-        scores, _ = codec.decode(reply.content[p.PAYLOAD][p.SCORE_TENSORS], max_bytes=8 * sum(map(math.prod, shapes.values())) + 65536)
-        if reply.num_examples <= 0:
-            return None, f"num-examples={reply.num_examples}"
-    except (KeyError, ValueError, TypeError) as exc:
-        return None, f"undecodable scores ({error_line(exc)})"
-    if set(scores) != set(shapes):
-        return None, f"scores for {sorted(set(scores) ^ set(shapes))[:3]} do not match the prunable weights"
-    for n, s in scores.items():
-        if tuple(s.shape) != shapes[n] or not s.is_floating_point() or not torch.isfinite(s).all():
-            return None, f"scores of {n} must be finite floats shaped {shapes[n]}"
-    return scores, None
+    _, got = ctx.fleet.round(clients, p.SCORES, build, ctx.rng, lambda r: replies.check_scores(r, shapes))
+    return average_scores([r.decoded for r in got], [r.num_examples for r in got])
 
 
 def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]:
@@ -101,19 +87,21 @@ def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate])
     `loss` (sample-weighted held-out loss) and returns the pooled statistics of each."""
     payload = candidate_payload(model.state_dict(), candidates)
     build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
-    _, replies = ctx.fleet.round(ctx.config.fedtiny.search_clients, p.BN, build, ctx.rng)
-    per_client = [[bn_stats_from_tensors(codec.decode(b)[0]) for b in r.content[p.PAYLOAD][p.BN_STATS]] for r in replies]
-    pooled = [pool_stats([stats[i] for stats in per_client]) for i in range(len(candidates))]
+    layout = bn_stats_layout(model)  # a BN blob decodes to this layout only (bounded before allocating)
+    _, got = ctx.fleet.round(ctx.config.fedtiny.search_clients, p.BN, build, ctx.rng,
+                             lambda r: replies.check_bn(r, len(candidates), layout))
+    pooled = [pool_stats(clip_bn_stats([r.decoded[i] for r in got])) for i in range(len(candidates))]
     bn_blobs = [codec.encode(bn_stats_to_tensors(s)) for s in pooled]
-    evals = ctx.fleet.exchange(
-        {r.node_id: RecordDict({p.PAYLOAD: ConfigRecord({p.BN_STATS: bn_blobs})}) for r in replies},
-        p.CANDIDATES,
+    examples = {r.node_id: r.num_examples for r in got}
+    evals = ctx.fleet.accepted(
+        ctx.fleet.exchange({n: RecordDict({p.PAYLOAD: ConfigRecord({p.BN_STATS: bn_blobs})}) for n in examples}, p.CANDIDATES),
+        p.CANDIDATES, lambda r: replies.check_loss_sums(r, len(candidates), examples[r.node_id]),
     )
     if not evals:
         raise RuntimeError("no client evaluated the candidates (see client errors above)")
-    count = sum(r.num_examples for r in evals)
+    counts = [r.num_examples for r in evals]
     for i, cand in enumerate(candidates):
-        cand.loss = sum(float(r.content[p.METRICS][p.LOSS_SUMS][i]) for r in evals) / count
+        cand.loss = robust_mean_loss([r.decoded[i] for r in evals], counts)
     return pooled
 
 
@@ -126,9 +114,11 @@ def halving_order(losses: list[float], keep: float = 0.5) -> list[int]:
 
 def held_out_loss(ctx: RunContext, gm: GlobalModel, nodes: list[int]) -> float:
     """Sample-weighted loss of `gm` (its own BN statistics) on the held-out splits of `nodes`."""
-    replies = ctx.fleet.exchange({n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})}) for n in nodes}, p.EVALUATE)
-    count = sum(r.num_examples for r in replies)
-    return sum(float(r.content[p.METRICS][p.LOSS]) * r.num_examples for r in replies) / count if count else math.nan
+    sent = ctx.fleet.exchange({n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})}) for n in nodes}, p.EVALUATE)
+    got = ctx.fleet.accepted(sent, p.EVALUATE, replies.check_evaluate)
+    if not got:
+        return math.nan
+    return robust_mean_loss([r.decoded[0] * r.num_examples for r in got], [r.num_examples for r in got])
 
 
 def halving(ctx: RunContext, method, model: torch.nn.Module, candidates: list[Candidate]) -> Candidate:

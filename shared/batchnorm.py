@@ -30,7 +30,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 BNStats = dict[str, tuple[Tensor, Tensor, int]]
 
 _FIELDS = ("mean", "var", "count")
-RUNNING_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # torch's BN buffer names
+RUNNING_VAR = "running_var"
+RUNNING_BUFFERS = ("running_mean", RUNNING_VAR, "num_batches_tracked")  # torch's BN buffer names
 
 
 def bn_modules(model: nn.Module) -> dict[str, _BatchNorm]:

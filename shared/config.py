@@ -29,6 +29,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
 AGGREGATORS = ("mean", "trimmed-mean", "median")  # fl.aggregator (server.aggregate)
+ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search")  # client.attacks
 TRACKING = ("tensorboard", "none")  # tracking: TensorBoard event files in the run's directory, or none
 
 
@@ -104,6 +105,9 @@ class SimulationConfig:
     fail_fraction: float = 0.0  # fraction of sampled clients made to fail each round (fault drills)
     # How they fail: "crash" (raise an error) or "straggle" (sleep past fl.round_timeout, reply late).
     fail_mode: str = "crash"
+    # Attack drill (client.attacks): this fraction of the partitions (seeded) sends well-formed poison of one kind.
+    attack: str = "none"
+    attack_fraction: float = 0.0
     # Simulation only: the server tells each virtual client which partition it holds (node i of the
     # sorted node ids holds partition i), so no registration round over the whole fleet is needed.
     virtual_partitions: bool = False
@@ -385,6 +389,8 @@ def validate(c: Config) -> None:
     check(c.tracking in TRACKING, "tracking", f"must be one of {', '.join(TRACKING)}")
     check(0.0 <= c.simulation.fail_fraction < 1.0, "simulation.fail_fraction", "must be in [0, 1)")
     check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")
+    check(c.simulation.attack in ATTACKS, "simulation.attack", f"must be one of {', '.join(ATTACKS)}")
+    check(0.0 <= c.simulation.attack_fraction < 0.5, "simulation.attack_fraction", "must be in [0, 0.5)")
     for section in c.sections.values():
         if hasattr(section, "validate"):
             section.validate(c, check)

@@ -37,6 +37,7 @@ LOSS = "loss"
 ACCURACY = "accuracy"
 LOSS_SUMS = "loss-sums"
 PARTITION = "partition-id"
+HOLDOUT_EXAMPLES = "holdout-examples"  # query.hello: the held-out split's size (num-examples: the training split's)
 
 # Config keys: every message
 ACTING_PARTITION = "partition"  # simulation.virtual_partitions: the partition a virtual client holds

@@ -121,7 +121,7 @@ def test_feddst_averages_each_weight_over_the_clients_that_keep_it(tmp_path):
     method = METHODS.get("feddst")(ctx)
     method.readjusting = True
     start = {"w": torch.tensor([True, True, False, False])}
-    gm = GlobalModel({"w": torch.tensor([1.0, 1.0, 0.0, 0.0]), "b": torch.zeros(1)}, start)
+    gm = GlobalModel({"w": torch.tensor([8.0, 1.0, 0.0, 0.0]), "b": torch.zeros(1)}, start)  # grows up to |8| are not clipped
     a = _reply(1, start, {"w": torch.tensor([2.0, 0.0, 6.0, 0.0]), "b": torch.tensor([1.0])}, {"w": torch.tensor([True, False, True, False])}, 1)
     b = _reply(2, start, {"w": torch.tensor([4.0, 0.5, 0.0, 0.0]), "b": torch.tensor([4.0])}, start, 3)
     gm.state = method.aggregate(ctx, gm, [a, b])
@@ -136,6 +136,20 @@ def test_feddst_ignores_mask_changes_that_alter_a_layer_count():
     start = {"w": torch.tensor([True, True, False, False])}
     changes = {"w": (torch.tensor([2]), torch.tensor([1.0]), (4,))}  # a grow without a drop
     assert "0 drops but 1 grows" in local_masks(start, {"w": torch.zeros(4)}, changes)
+
+
+def test_feddst_refuses_more_mask_changes_than_the_round_asked_for():
+    start = {"w": torch.tensor([True, True, False, False])}
+    drop_all = {"w": (torch.tensor([0, 1, 2, 3]), torch.tensor([0.0, 0.0, 1.0, 1.0]), (4,))}
+    assert "2 mask changes, more than the 1 asked for" in local_masks(start, {"w": torch.zeros(4)}, drop_all, {"w": 1})
+
+
+def test_feddst_clips_a_grown_value_to_the_largest_global_weight():
+    start = {"w": torch.tensor([True, True, False, False])}
+    grow_huge = {"w": (torch.tensor([1, 2]), torch.tensor([0.0, 1e30]), (4,))}  # drop 1, grow 2 at 1e30
+    masks, state = local_masks(start, {"w": torch.tensor([0.5, 0.0, 0.0, 0.0])}, grow_huge, {"w": 1}, {"w": 2.0})
+    assert masks["w"].tolist() == [True, False, True, False]
+    assert state["w"].tolist() == [0.5, 0.0, 2.0, 0.0]
 
 
 def test_feddst_global_mask_keeps_layer_counts_within_the_union():

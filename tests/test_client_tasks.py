@@ -35,7 +35,7 @@ def _send(ctx, node, message_type, content):
 def test_hello_reports_partition_and_examples(setup):
     ctx, grid, _ = setup
     assert sorted(ctx.fleet.partition_of.values()) == list(range(4))
-    assert all(n > 0 for n in ctx.fleet.examples_of.values())
+    assert all(train > 0 and holdout > 0 for train, holdout in ctx.fleet.examples_of.values())
 
 
 def test_train_keeps_pruned_weights_zero_and_sends_only_active_values(setup):

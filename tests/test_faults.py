@@ -19,7 +19,8 @@ from helpers import ROOT, tiny_config
 from server.app import run
 from server.fleet import Reply
 from server.global_model import GlobalModel
-from server.loop import check_update, clip_update
+from server.aggregate import clip_update
+from server.loop import check_update
 from server.methods.fedtiny import check_topk
 from shared import codec, protocol as p
 
@@ -60,13 +61,13 @@ def test_running_stats_may_come_as_float16_and_are_restored_to_float32():
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda gm: codec.encode({**honest(gm), "extra": torch.ones(1)}, gm.masks, send_masks=False), "layer names differ"),
-        (lambda gm: codec.encode(honest(gm, b=torch.ones(9)), gm.masks, send_masks=False), "expected torch.float32 (8,)"),
+        (lambda gm: codec.encode({**honest(gm), "extra": torch.ones(1)}, gm.masks, send_masks=False), "unexpected entry 'extra'"),
+        (lambda gm: codec.encode(honest(gm, b=torch.ones(9)), gm.masks, send_masks=False), "claims shape (9,), expected (8,)"),
         (lambda gm: codec.encode(honest(gm, b=torch.full((8,), math.nan)), gm.masks, send_masks=False), "non-finite values in b"),
         (lambda gm: codec.encode(honest(gm, b=torch.full((8,), math.inf)), gm.masks, send_masks=False), "non-finite values in b"),
         (lambda gm: codec.encode(honest(gm), {"w": torch.ones(8, 8, dtype=torch.bool)}), "mask of w differs"),
         (lambda gm: codec.encode(honest(gm), {"w": ~gm.masks["w"]}), "mask of w differs"),
-        (lambda gm: codec.encode(honest(gm, b=gm.state["b"].half()), gm.masks, send_masks=False), "b is torch.float16"),
+        (lambda gm: codec.encode(honest(gm, b=gm.state["b"].half()), gm.masks, send_masks=False), "'b' is torch.float16, expected float32"),
         (lambda gm: b"garbage" * 10, "undecodable update"),
         (lambda gm: codec.encode(honest(gm), gm.masks)[:-3], "undecodable update"),
         (lambda gm: codec.encode({**honest(gm), "big": torch.randn(200_000)}), "undecodable update"),

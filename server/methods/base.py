@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
-from server.aggregate import weighted_average
+from server.aggregate import cap_weights, combine
 from server.global_model import GlobalModel
 from shared.config import register_method
 from shared.data import batches
@@ -109,8 +109,11 @@ class Method:
         return {}
 
     def aggregate(self, ctx: RunContext, gm: GlobalModel, replies: list[Reply]) -> dict[str, torch.Tensor]:
-        """The round's new global state from the accepted replies: sample-weighted FedAvg over kept positions."""
-        return weighted_average([r.decoded for r in replies], [r.num_examples for r in replies], gm.masks or None)
+        """The round's new global state from the accepted replies: by default sample-weighted FedAvg over
+        kept positions, robust as configured (`fl.aggregator`, `fl.max_weight_share`; server.aggregate)."""
+        f = ctx.config.fl
+        return combine([r.decoded for r in replies], round_weights(ctx, replies), gm.masks or None,
+                       f.aggregator, f.trim_fraction)
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         """Runs after aggregation of round t (e.g. prune/grow)."""
@@ -164,7 +167,12 @@ def server_warmup(ctx: RunContext, model: torch.nn.Module) -> None:
     if c.warmup.epochs <= 0:
         return
     x, y = server_warmup_set(ctx.bundle, c.warmup.shots, c.seed)
-    warmup(model, lambda e: batches(ctx.bundle, x, y, c.fl.batch_size, True, c.seed + e), c.warmup.epochs, c.fl.lr)
-    ctx.recorder.note(f"server warm-up: {c.warmup.epochs} epochs on {len(y)} examples")
     model.to(ctx.device)
+    warmup(model, lambda e: batches(ctx.bundle, x, y, c.fl.batch_size, True, c.seed + e), c.warmup.epochs, c.fl.lr)
     model.to("cpu")
+    ctx.recorder.note(f"server warm-up: {c.warmup.epochs} epochs on {len(y)} examples")
+
+
+def round_weights(ctx: RunContext, replies: list[Reply]) -> list[float]:
+    """The replies' sample weights, none above `fl.max_weight_share` of the round (when set)."""
+    return cap_weights([r.num_examples for r in replies], ctx.config.fl.max_weight_share)

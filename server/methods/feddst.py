@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.aggregate import mask_weighted_average
+from server.aggregate import cap_weights, mask_weighted_average
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
@@ -101,11 +101,16 @@ class FedDSTClient(ClientHalf):
         return {p.MASK_CHANGES: codec.encode_sparse(mask_changes(job.masks, job.local_masks, job.model.state_dict()))}
 
 
-def local_masks(global_masks: Tensors, state: Tensors, changes: dict) -> tuple[Tensors, Tensors] | str:
+def local_masks(global_masks: Tensors, state: Tensors, changes: dict, limits: dict[str, int] | None = None,
+                bounds: dict[str, float] | None = None) -> tuple[Tensors, Tensors] | str:
     """A client's masks and full sparse state from its mask changes, or why they are unusable.
 
     `changes` maps a layer to (flat indices, values, shape) of flipped positions: at globally kept
-    positions drops (value must be 0), at pruned ones grows; each layer must keep its count.
+    positions drops (value must be 0), at pruned ones grows; each layer must keep its count, and
+    drop at most `limits[layer]` (the readjustment the server asked for), so no client can replace
+    a layer. A grown value is clipped to `bounds[layer]`, the largest |weight| the global layer
+    keeps: a weight trained from zero for a few local epochs is not larger, so no client's magnitude
+    decides the new mask.
     """
     masks, out = dict(global_masks), dict(state)
     for n, (idx, values, shape) in changes.items():
@@ -115,6 +120,10 @@ def local_masks(global_masks: Tensors, state: Tensors, changes: dict) -> tuple[T
         dropped = flat[idx]
         if int(dropped.sum()) != int((~dropped).sum()):
             return f"layer {n}: {int(dropped.sum())} drops but {int((~dropped).sum())} grows"
+        if limits is not None and int(dropped.sum()) > limits.get(n, 0):
+            return f"layer {n}: {int(dropped.sum())} mask changes, more than the {limits.get(n, 0)} asked for"
+        if bounds is not None:
+            values = values.clamp(-bounds[n], bounds[n])
         if bool((values[dropped] != 0).any()):
             return f"layer {n}: a dropped weight has a nonzero value"
         new = flat.clone()
@@ -144,6 +153,7 @@ class FedDST(Method):
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
         self.readjusting = False
+        self.limits: dict[str, int] | None = None  # mask changes per layer a client may make this round
         self.client_masks: list[Tensors] = []
         self.t_end = max(1, ctx.config.fl.rounds // 2)
 
@@ -156,6 +166,8 @@ class FedDST(Method):
         self.readjusting = bool(gm.masks) and (t - 1) % s.interval == 0 and fraction > 0
         if not self.readjusting:
             return {}
+        sparse = [n for n, m in gm.masks.items() if not bool(m.all())]  # the layers clients readjust
+        self.limits = adjust_counts(gm.masks, sparse, fraction)
         return {p.DST_FRACTION: fraction, p.DST_BATCHES: s.batches}
 
     def aggregate(self, ctx: RunContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
@@ -165,7 +177,7 @@ class FedDST(Method):
             return super().aggregate(ctx, gm, replies)
         states, weights = [], []
         for r in replies:
-            got = check_mask_changes(r, gm)
+            got = check_mask_changes(r, gm, self.limits)
             if isinstance(got, str):
                 ctx.recorder.note(f"feddst: node {r.node_id} mask changes ignored: {got}")
                 continue
@@ -174,7 +186,7 @@ class FedDST(Method):
             weights.append(r.num_examples)
         if not states:
             return super().aggregate(ctx, gm, replies)
-        return mask_weighted_average(states, self.client_masks, weights)
+        return mask_weighted_average(states, self.client_masks, cap_weights(weights, ctx.config.fl.max_weight_share))
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not self.client_masks:
@@ -187,7 +199,7 @@ class FedDST(Method):
         return "adjust" if self.readjusting else "train"
 
 
-def check_mask_changes(reply: Reply, gm: GlobalModel) -> tuple[Tensors, Tensors] | str:
+def check_mask_changes(reply: Reply, gm: GlobalModel, limits: dict[str, int] | None = None) -> tuple[Tensors, Tensors] | str:
     """A client's masks and sparse state from its update and mask changes, or why they are unusable."""
     blob = reply.content[p.PAYLOAD].get(p.MASK_CHANGES)
     try:
@@ -195,4 +207,5 @@ def check_mask_changes(reply: Reply, gm: GlobalModel) -> tuple[Tensors, Tensors]
         changes = codec.decode_sparse(blob, expected=expected) if blob is not None else {}
     except ValueError as exc:
         return f"undecodable mask changes ({exc})"
-    return local_masks(gm.masks, reply.decoded, changes)
+    bounds = {n: float(gm.state[n].abs().max()) for n in gm.masks}
+    return local_masks(gm.masks, reply.decoded, changes, limits, bounds)

@@ -27,7 +27,7 @@ from server.methods.base import ClientHalf, Method, TrainJob, register
 from shared import codec, protocol as p
 from shared.config import resolve
 from shared.pruning import ALLOCATIONS, SCORES
-from shared.pruning.prune_grow import RIGL, merge_sparse
+from shared.pruning.prune_grow import RIGL, clip_to_median_peak, merge_sparse
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
 from shared.training import TrainResult
 
@@ -130,7 +130,7 @@ class FedTiny(Method):
                 parts[name].append((idx, val))
         if senders == 0:
             return
-        grads = {n: merge_sparse(parts[n], gm.state[n].shape, senders) for n in self.pending}
+        grads = {n: merge_sparse(clip_to_median_peak(parts[n]), gm.state[n].shape, senders) for n in self.pending}
         weights = {n: gm.state[n] for n in self.pending}
         masks, new_weights = RIGL.update(weights, {n: gm.masks[n] for n in self.pending}, grads, self.pending)
         gm.state.update(new_weights)

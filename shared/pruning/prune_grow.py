@@ -101,6 +101,18 @@ def topk_pruned(grad: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return index, flat[index].clone()
 
 
+def clip_to_median_peak(parts: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Clients' (index, value) parts with every |value| clipped to the median over clients of each
+    client's largest |value|: one client's magnitude then counts at most as much as a typical
+    client's strongest gradient, so growth follows positions that several clients rank high rather
+    than one client's scale (a client sending 3e38 at chosen positions no longer decides them)."""
+    peaks = sorted(float(v.abs().max()) if v.numel() else 0.0 for _, v in parts)
+    if not peaks:
+        return []
+    bound = peaks[(len(peaks) - 1) // 2]
+    return [(i, v.clamp(-bound, bound)) for i, v in parts]
+
+
 def merge_sparse(parts: Sequence[tuple[Tensor, Tensor]], shape: Sequence[int] | torch.Size, num_clients: int) -> Tensor:
     """Dense tensor of `shape`: client (index, value) parts summed over the union of indices,
     divided by `num_clients` (positions a client did not send count as zero for it)."""
