@@ -61,7 +61,7 @@ def test_running_stats_may_come_as_float16_and_are_restored_to_float32():
 @pytest.mark.parametrize(
     "make, reason",
     [
-        (lambda gm: codec.encode({**honest(gm), "extra": torch.ones(1)}, gm.masks, send_masks=False), "unexpected entry 'extra'"),
+        (lambda gm: codec.encode({**honest(gm), "extra": torch.ones(1)}, gm.masks, send_masks=False), "claims 4 entries, the receiver expects at most 3"),
         (lambda gm: codec.encode(honest(gm, b=torch.ones(9)), gm.masks, send_masks=False), "claims shape (9,), expected (8,)"),
         (lambda gm: codec.encode(honest(gm, b=torch.full((8,), math.nan)), gm.masks, send_masks=False), "non-finite values in b"),
         (lambda gm: codec.encode(honest(gm, b=torch.full((8,), math.inf)), gm.masks, send_masks=False), "non-finite values in b"),
@@ -99,7 +99,7 @@ def test_top_k_gradients_are_checked(gm):
     assert check_topk(topk_reply(ok), gm, {"w": 3})[1] is None
     assert "more than k=2" in check_topk(topk_reply(ok), gm, {"w": 2})[1]
     assert "active positions" in check_topk(topk_reply({"w": (active[:1], torch.ones(1), (8, 8))}), gm, {"w": 3})[1]
-    assert "not the adjusted block" in check_topk(topk_reply({"b": (torch.tensor([0]), torch.ones(1), (8,))}), gm, {"w": 3})[1]
+    assert "sparse entry 'b' of shape (8,) is not what the receiver expects" in check_topk(topk_reply({"b": (torch.tensor([0]), torch.ones(1), (8,))}), gm, {"w": 3})[1]
     bad = Reply(1, RecordDict({p.PAYLOAD: ConfigRecord({p.TOPK: b"FTS\x01\xff\xff"})}), 0)
     assert "undecodable" in check_topk(bad, gm, {"w": 3})[1]
 
