@@ -496,3 +496,14 @@ def test_cli_infer_refuses_a_model_whose_input_shape_does_not_fit_the_data(tmp_p
     assert capsys.readouterr().err.strip() == (
         f"fedtiny: {tmp_path / 'bare.ftc'} takes inputs (1, 8, 8), but fashion-mnist images are (1, 28, 28)"
     )
+
+
+def test_cli_infer_refuses_models_recording_different_splits(run_dir: Path, seeded_run: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    export.export(run_dir, None, tmp_path / "a.ftc")
+    export.export(seeded_run, None, tmp_path / "b.ftc")
+    assert main(["infer", str(tmp_path / "a.ftc"), str(tmp_path / "b.ftc")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fedtiny: the models record different seed values: 0 (") and err.endswith("pass --seed to choose")
+    assert main(["infer", str(tmp_path / "a.ftc"), str(tmp_path / "b.ftc"), "--seed", "0", "--test-fraction", "0.2",
+                 "--repeats", "1"]) == 0

@@ -41,12 +41,12 @@ def _recorded(path: str) -> dict[str, Any]:
     return {k: meta.get(k) for k in (*export.DATA_KEYS, "input_shape", "num_classes")}
 
 
-def _agreed(records: dict[str, dict[str, Any]], key: str, flag: str) -> Any:
+def _agreed(records: dict[str, dict[str, Any]], key: str, hint: str) -> Any:
     """The one value the models record for `key` (None when none does); differing values are a ConfigError."""
     values = {path: r[key] for path, r in records.items() if r.get(key) is not None}
     if len(set(map(str, values.values()))) > 1:
         listed = ", ".join(f"{v} ({p})" for p, v in values.items())
-        raise ConfigError(f"the models record different {key} values: {listed}; pass {flag} to choose")
+        raise ConfigError(f"the models record different {key} values: {listed}; {hint}")
     return next(iter(values.values()), None)
 
 
@@ -58,13 +58,14 @@ def data_settings(args: argparse.Namespace, records: dict[str, dict[str, Any]]) 
                 raise ConfigError(f"--dataset {args.dataset} contradicts {path}, which records dataset {r['dataset']}")
         dataset = args.dataset
     else:
-        dataset = _agreed(records, "dataset", "--dataset")
+        dataset = _agreed(records, "dataset", "infer them separately")
         if dataset is None:
             raise ConfigError(f"no dataset recorded in {', '.join(records)}; pass --dataset")
-    seed = args.seed if args.seed is not None else _agreed(records, "seed", "--seed")
-    fraction = args.test_fraction if args.test_fraction is not None else _agreed(records, "test_fraction",
-                                                                                 "--test-fraction")
-    path = args.dataset_path if args.dataset_path is not None else _agreed(records, "dataset_path", "--dataset-path")
+    seed = args.seed if args.seed is not None else _agreed(records, "seed", "pass --seed to choose")
+    fraction = args.test_fraction if args.test_fraction is not None else _agreed(
+        records, "test_fraction", "pass --test-fraction to choose")
+    path = args.dataset_path if args.dataset_path is not None else _agreed(
+        records, "dataset_path", "pass --dataset-path to choose")
     trusted = sorted({t for r in records.values() for t in r.get("trusted") or ()})
     return {"dataset": dataset, "path": path or "", "seed": 0 if seed is None else int(seed),
             "test_fraction": 0.2 if fraction is None else float(fraction), "trusted": trusted}
