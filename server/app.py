@@ -81,8 +81,9 @@ def run(grid: Grid, config: Config) -> Path:
         if tracker:
             tracker.scalar("federated/accuracy", last.federated_accuracy, last.round)
     except Exception as exc:
-        recorder.summary = {"error": f"{type(exc).__name__}: {exc}"}
-        recorder.write(out)
+        if recorder.rounds or not config.resume:  # a resume that failed before its checkpoint loaded keeps the old metrics
+            recorder.summary = {"error": f"{type(exc).__name__}: {exc}"}
+            recorder.write(out)
         raise
     finally:
         if tracker:

@@ -18,6 +18,7 @@ from server.context import RunContext
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
 from shared import codec, rundir
+from shared.pruning import density
 
 STATE_FILE = rundir.CHECKPOINT
 TOTALS = ("bytes_up", "bytes_down", "dense_bytes_up", "dense_bytes_down", "failures", "rejected")
@@ -49,10 +50,24 @@ def exists(out: Path) -> bool:
     return (out / STATE_FILE).exists()
 
 
+class BadCheckpoint(ValueError):
+    """A checkpoint that does not belong to this run's config and model (refused before anything is written)."""
+
+
 def restore(ctx: RunContext, method) -> tuple[GlobalModel, int]:
-    """The global model and the last finished round; ctx and method continue from there."""
-    state = json.loads((ctx.output_dir / STATE_FILE).read_text())
-    tensors, masks = codec.load(ctx.output_dir / state["weights"])
+    """The global model and the last finished round; ctx and method continue from there.
+
+    The checkpoint is hostile until checked (`check`): nothing of the run is overwritten before it is.
+    """
+    try:
+        state = json.loads((ctx.output_dir / STATE_FILE).read_text())
+        t = check_state(state, ctx.config.fl.rounds)
+        tensors, masks = codec.load(ctx.output_dir / state["weights"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadCheckpoint(f"cannot resume from {ctx.output_dir / STATE_FILE}: {str(exc).splitlines()[0]}") from None
+    reason = check_model(tensors, masks, ctx.new_model().state_dict(), state["rounds"][-1]["density"])
+    if reason:
+        raise BadCheckpoint(f"cannot resume from {ctx.output_dir / STATE_FILE}: {reason}")
     gm = GlobalModel(tensors)
     gm.masks = masks
     gm.version = state["version"]
@@ -62,5 +77,36 @@ def restore(ctx: RunContext, method) -> tuple[GlobalModel, int]:
     ctx.recorder.rounds = [RoundRecord(**r) for r in state["rounds"]]
     for key, value in state["totals"].items():
         setattr(ctx, key, value)
-    ctx.recorder.note(f"resumed after round {state['round']} from {ctx.output_dir / STATE_FILE}")
-    return gm, int(state["round"])
+    ctx.recorder.note(f"resumed after round {t} from {ctx.output_dir / STATE_FILE}")
+    return gm, t
+
+
+def check_state(state, rounds: int) -> int:
+    """The checkpoint's round, after checking that it is a finished round of this run, that the weights
+    file is this round's own inside the run folder, and that every round up to it was recorded."""
+    if not isinstance(state, dict) or not {"round", "weights", "rounds", "totals", "method", "rng"} <= set(state):
+        raise ValueError("it is not a fedtiny checkpoint (keys missing)")
+    t = state["round"]
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= rounds:
+        raise ValueError(f"its round {t!r} is not a round of this run (0 to fl.rounds={rounds})")
+    if state["weights"] != rundir.CHECKPOINT_WEIGHTS.format(round=t):
+        raise ValueError(f"its weights file {state['weights']!r} is not {rundir.CHECKPOINT_WEIGHTS.format(round=t)!r}")
+    if not isinstance(state["rounds"], list) or len(state["rounds"]) != t + 1:
+        raise ValueError(f"it records {len(state['rounds'])} rounds for round {t}")
+    return t
+
+
+def check_model(tensors: dict, masks: dict, reference: dict, recorded_density: float) -> str | None:
+    """Why checkpointed weights and masks do not fit this run's model and its recorded density, or None."""
+    if set(tensors) != set(reference):
+        return f"its weights name other layers than the model: {sorted(set(tensors) ^ set(reference))[:3]}"
+    for name, value in tensors.items():
+        if value.shape != reference[name].shape or value.dtype != reference[name].dtype:
+            return f"{name} is {value.dtype} {tuple(value.shape)}, the model's is {reference[name].dtype} {tuple(reference[name].shape)}"
+    for name, mask in masks.items():
+        if name not in reference or mask.shape != reference[name].shape:
+            return f"its mask of {name} fits no weight of the model"
+    kept = density(masks) if masks else 1.0
+    if abs(kept - recorded_density) > 1e-9:
+        return f"its masks keep density {kept:.4f} but the run recorded {recorded_density:.4f} for that round"
+    return None

@@ -17,11 +17,11 @@ import difflib
 import importlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -29,6 +29,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
 AGGREGATORS = ("mean", "trimmed-mean", "median")  # fl.aggregator (server.aggregate)
+MAX_WIDTH = 16.0  # model.width: 16x the channels is already ~256x the weights
+MAX_CPUS = 4096  # simulation.num_cpus: logical CPUs Ray may schedule on (spare actors for stragglers included)
 ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search")  # client.attacks
 TRACKING = ("tensorboard", "none")  # tracking: TensorBoard event files in the run's directory, or none
 
@@ -77,7 +79,7 @@ class FLConfig:
     # Robust aggregation (server.aggregate): each update's distance from the global model is clipped to
     # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
     # the round (0: off); aggregator mean (FedAvg) | trimmed-mean | median (coordinate-wise).
-    clip_multiple: float = 3.0
+    clip_multiple: float = 10.0
     max_weight_share: float = 0.0
     aggregator: str = "mean"
     trim_fraction: float = 0.1  # trimmed-mean: the fraction dropped at each end per coordinate
@@ -281,9 +283,15 @@ def _load_yaml(path: Path):
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file (see configs/)")
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except Exception as exc:  # yaml errors carry multi-line messages
         raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} holds a YAML {type(loaded).__name__.replace('Config', '').lower()}, "
+                          "not a mapping of sections (e.g. 'fl:' then '  rounds: 40')")
+    if not loaded:
+        raise ConfigError(f"config file {path} is empty; give it at least one section (see configs/tiny.yaml)")
+    return loaded
 
 
 def _build(layers: list, defaults: int = 0) -> Config:
@@ -347,6 +355,20 @@ def _one_line(exc: OmegaConfBaseException, section: str = "") -> str:
     return f"invalid config: {message}"
 
 
+def _floats(c: Config):
+    """(dotted key, value) of every float setting of every section (each must be finite)."""
+    for section in fields(c):
+        value = getattr(c, section.name)
+        if is_dataclass(value):
+            for f in fields(value):
+                if isinstance(getattr(value, f.name), float):
+                    yield f"{section.name}.{f.name}", getattr(value, f.name)
+    for name, settings in c.sections.items():
+        for f in fields(settings):
+            if isinstance(getattr(settings, f.name), float):
+                yield f"{name}.{f.name}", getattr(settings, f.name)
+
+
 def validate(c: Config) -> None:
     """Reject impossible values with one line naming the key."""
 
@@ -361,7 +383,9 @@ def validate(c: Config) -> None:
     check(c.dataset.alpha > 0, "dataset.alpha", "must be > 0")
     check(0.0 < c.dataset.holdout < 1.0, "dataset.holdout", "must be in (0, 1)")
     check(0.0 < c.dataset.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
-    check(c.model.width > 0, "model.width", "must be > 0")
+    for key, value in _floats(c):
+        check(math.isfinite(value), key, "must be a finite number")
+    check(0 < c.model.width <= MAX_WIDTH, "model.width", f"must be in (0, {MAX_WIDTH}] (a multiple of the model's channels)")
     check(c.fl.rounds >= 1, "fl.rounds", "must be >= 1")
     check(c.fl.num_clients >= 1, "fl.num_clients", "must be >= 1")
     check(1 <= c.fl.clients_per_round <= c.fl.num_clients, "fl.clients_per_round", "must be in [1, fl.num_clients]")
@@ -384,7 +408,7 @@ def validate(c: Config) -> None:
     check(c.warmup.shots >= 1, "warmup.shots", "must be >= 1")
     check(c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client",
           "must be a whole number >= 1 (to run more clients at once raise simulation.num_cpus)")
-    check(c.simulation.num_cpus >= 1, "simulation.num_cpus", "must be >= 1")
+    check(1 <= c.simulation.num_cpus <= MAX_CPUS, "simulation.num_cpus", f"must be in [1, {MAX_CPUS}]")
     _check_device(c, check)
     check(c.tracking in TRACKING, "tracking", f"must be one of {', '.join(TRACKING)}")
     check(0.0 <= c.simulation.fail_fraction < 1.0, "simulation.fail_fraction", "must be in [0, 1)")

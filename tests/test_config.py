@@ -152,3 +152,34 @@ def test_sigterm_during_a_run_stops_it_like_ctrl_c(capsys, monkeypatch, tmp_path
     assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
     assert "fedtiny run --resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize("text, why", [("- a\n- b\n", "holds a YAML list, not a mapping"), ("", "is empty")])
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, text, why):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=why):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override", ["fl.lr=inf", "dataset.alpha=inf", "fl.round_timeout=inf", "fedtiny.alpha=nan",
+                                      "model.width=inf", "fl.clip_multiple=nan"])
+def test_every_float_setting_must_be_finite(override):
+    with pytest.raises(ConfigError, match=f"'{override.partition('=')[0]}' must"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("override, why", [("model.width=1e9", "must be in \\(0, 16.0\\]"),
+                                           ("simulation.num_cpus=1000000", "must be in \\[1, 4096\\]")])
+def test_sizes_are_bounded_sanely(override, why):
+    with pytest.raises(ConfigError, match=why):
+        load_config(None, [override])
+
+
+def test_an_output_dir_under_a_regular_file_is_refused_before_the_run(tmp_path):
+    from simulations.cli.common import check_output_dir
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, so .* cannot be a folder"):
+        check_output_dir(load_config(None, [f"output_dir={tmp_path / 'file' / 'run'}"]))
+    check_output_dir(load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"]))  # creatable: fine

@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simulations.cli.launch import free_port, stop_tree
+from simulations.cli.launch import free_port
+from simulations.cli.processes import stop_tree
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,6 +6,7 @@ Subcommand modules import this, never `simulations.cli.main`.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,9 +34,20 @@ def preflight(config: Config) -> None:
     from shared.data import load_for
     from shared.models import model_for
 
+    check_output_dir(config)
     bundle = load_for(config)
     check_partition(config, bundle.y_train)
     check_dense_budget(config, model_for(config, bundle))
+
+
+def check_output_dir(config: Config) -> None:
+    """The run's output folder must be creatable and writable (it is where the run resumes from)."""
+    path = with_output_dir(config)[1]
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"config key 'output_dir': {existing} is a file, so {path} cannot be a folder; choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key 'output_dir': {existing} is not writable by this user; choose another output_dir")
 
 
 def check_partition(config: Config, labels) -> None:

@@ -9,7 +9,6 @@ and the benchmarks (simulations/harness.py) launch through here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -22,12 +21,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import psutil
-
 from server.recorder import PROGRESS_PREFIX
 from shared import rundir
 from shared.config import Config, to_flat
 from shared.registry import USER_DIR_ENV
+from simulations.cli.processes import guard, record, stop_group, stop_stale
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` ships (pyproject.toml)
 ROUND_LINE = re.compile(re.escape(PROGRESS_PREFIX) + r" round (\d+)/(\d+) (.*)")
@@ -97,48 +95,14 @@ def local_superlink(env: dict[str, str], log_file: Path) -> Iterator[subprocess.
     pid_file = log_file.with_suffix(".pid")
     stop_stale(pid_file)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    pid_file.write_text(str(proc.pid))
+    record(proc, pid_file)
+    guard(proc)
     try:
         wait_for_port(int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), proc, log_file)
         yield proc
     finally:
         stop_group(proc)
         pid_file.unlink(missing_ok=True)
-
-
-def stop_stale(pid_file: Path) -> None:
-    """Stop the SuperLink (and its simulation and Ray workers) that a killed earlier run left behind."""
-    try:
-        proc = psutil.Process(int(pid_file.read_text()))
-        if "flower-superlink" in " ".join(proc.cmdline()):
-            stop_tree(proc)
-    except (OSError, ValueError, psutil.Error):
-        pass
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop a process we started and everything below it (the simulation runs Ray in its own session)."""
-    if proc.poll() is None:
-        try:
-            stop_tree(psutil.Process(proc.pid))
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-
-
-def stop_tree(root: psutil.Process, grace: float = 10.0) -> None:
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
@@ -177,6 +141,7 @@ def simulate(config: Config, out: Path, progress: bool = True, echo: bool = True
         env = flower_env(home, free_port(), config.simulation.ray_address)
         with local_superlink(env, superlink_log), open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            guard(proc)
             try:
                 follow(proc, log, config.fl.rounds, progress, echo)
             finally:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from shared import rundir
-from shared.config import Config, ConfigError, load_config, to_yaml
+from shared.config import Config, ConfigError, load_config, to_flat, to_yaml
 from simulations.cli.common import fail, preflight, print_summary, with_output_dir
 
 EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
@@ -35,8 +35,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Overrides a resumed run may take: how it runs, not what it computes (recorded in its config.yaml).
+OPERATIONAL = ("output_dir", "resume", "device", "tracking", "fl.round_timeout", "fl.min_replies", "fl.eval_every")
+OPERATIONAL_SECTIONS = ("simulation.",)  # processes, CPUs, GPUs, Ray cluster, drills
+
+
 def resume_config(out: Path, overrides: list[str]) -> Config:
-    """The saved config of a run, set to continue from its last checkpoint."""
+    """The saved config of a run, set to continue from its last checkpoint; an override that would change
+    what the run computes (method, density, model, data, seed, rounds, schedule, ...) is refused in one line."""
     from server.checkpoint import exists
 
     out = out.expanduser().resolve()
@@ -44,7 +50,15 @@ def resume_config(out: Path, overrides: list[str]) -> Config:
         raise ConfigError(
             f"{out} has no {rundir.CONFIG} and {rundir.CHECKPOINT} to resume from; pass a run's output directory"
         )
-    return load_config(out / rundir.CONFIG, [*overrides, "resume=true", f"output_dir={out}"])
+    saved = to_flat(load_config(out / rundir.CONFIG, ["resume=true", f"output_dir={out}"]))
+    config = load_config(out / rundir.CONFIG, [*overrides, "resume=true", f"output_dir={out}"])
+    for key, value in to_flat(config).items():
+        if value != saved.get(key) and key not in OPERATIONAL and not key.startswith(OPERATIONAL_SECTIONS):
+            raise ConfigError(
+                f"--resume cannot change {key} ({saved.get(key)!r} -> {value!r}): the checkpoint was computed with the "
+                f"first; start a new run (without --resume) for another {key}"
+            )
+    return config
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
