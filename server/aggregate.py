@@ -148,6 +148,23 @@ def clip_bn_stats(stats: Sequence[dict], k: float = 6.0) -> list[dict]:
     return out
 
 
+def robust_scores(scores: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
+    """Sample-weighted mean of clients' importance scores (SNIP, PruneFL's squared gradients) after
+    clipping every client's scores of a layer to the median over clients of their largest |score|
+    there: one client's scale cannot decide which weights a mask keeps."""
+    from shared.pruning import average_scores
+
+    if len(scores) < 3:
+        return average_scores(scores, weights)
+    clipped = [dict(s) for s in scores]
+    for name in scores[0]:
+        peaks = sorted(float(s[name].abs().max()) for s in scores)
+        bound = peaks[(len(peaks) - 1) // 2]
+        for s in clipped:
+            s[name] = s[name].clamp(-bound, bound)
+    return average_scores(clipped, weights)
+
+
 def mask_weighted_average(states: Sequence[Tensors], masks: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
     """Average each position only over the clients whose mask keeps it (FedDST, arXiv 2112.09824)."""
     plain = weighted_average(states, weights)

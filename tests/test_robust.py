@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from helpers import tiny_config
 from server import replies
 from server.aggregate import (
-    cap_weights, clip_bn_stats, clip_to_mad, clip_to_median, combine, robust_mean_loss, weighted_average,
+    cap_weights, clip_bn_stats, clip_to_mad, clip_to_median, combine, robust_mean_loss, robust_scores, weighted_average,
 )
 from server.fleet import Fleet, Reply
 from shared import codec, protocol as p
@@ -124,6 +124,13 @@ def test_one_clients_huge_top_k_gradients_do_not_decide_growth():
     merged = merge_sparse(clip_to_median_peak(parts), (20,), len(parts))
     assert sorted(top_indices(merged.abs(), 3).tolist()) == [10, 11, 12]
     assert sorted(top_indices(merge_sparse(parts, (20,), len(parts)).abs(), 3).tolist()) == [0, 1, 2]  # unclipped: taken
+
+
+def test_one_clients_huge_scores_do_not_decide_the_mask():
+    honest = [{"w": torch.tensor([3.0, 2.0, 1.0, 0.0]) * (1 + 0.1 * c)} for c in range(4)]
+    attacker = {"w": torch.tensor([0.0, 0.0, 0.0, 1e30])}
+    averaged = robust_scores([*honest, attacker], [10] * 5)["w"]
+    assert top_indices(averaged, 2).tolist() == [0, 1]
 
 
 def test_one_clients_bn_statistics_cannot_move_the_pooled_ones_far():

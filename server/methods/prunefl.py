@@ -28,12 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from server.aggregate import cap_weights, robust_scores
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import ClientHalf, Method, TrainJob, register
 from shared import codec, protocol as p
-from shared.pruning import average_scores, compute_masks
+from shared.pruning import compute_masks
 from shared.pruning.prune_grow import DropGrow
 from shared.pruning.scores import accumulate_gradients
 from shared.training import TrainResult
@@ -121,7 +122,7 @@ class PruneFL(Method):
             weights.append(r.num_examples)
         if not scores:
             return
-        importance = average_scores(scores, weights)
+        importance = robust_scores(scores, cap_weights(weights, ctx.config.fl.max_weight_share))
         fraction = self.settings.max_change * 0.5**self.remaskings
         sparse = [n for n in gm.masks if n not in self.dense]
         counts = {n: math.ceil(fraction * int(gm.masks[n].sum())) for n in sparse}
