@@ -11,7 +11,7 @@ import signal
 import sys
 
 from shared.config import ConfigError
-from simulations.cli import compare, deploy, export, run
+from simulations.cli import compare, deploy, export, fleet_gate, run
 from simulations.cli.common import EXIT_CONFIG
 
 
@@ -19,7 +19,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fedtiny", description="Federated pruning towards tiny models (FedTiny) on Flower.")
     ap.add_argument("--version", action="version", version=f"fedtiny {_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
-    for module in (run, export, deploy, compare):
+    for module in (run, export, deploy, compare, fleet_gate):
         module.add_commands(sub)
     return ap
 

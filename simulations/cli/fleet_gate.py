@@ -1,0 +1,148 @@
+"""`fedtiny fleet-gate`: a TLS reverse proxy that shows SuperNodes the Fleet API and nothing else.
+
+Flower 1.42's SuperLink serves its Fleet, Control and Runtime (ServerAppIo) HTTP APIs on one
+`--host/--port`, and in the open-source build the Control API has no user authentication: whoever
+reaches that port with the public `ca.crt` can `flwr supernode register` a key of their own
+(defeating SuperNode authentication) or `flwr run` any app (code execution on the SuperLink host).
+So the SuperLink binds 127.0.0.1, and this gate listens on the address the nodes dial and forwards
+only `/v1/fleet/<name>` requests to it. Method, path, query, headers (the SuperNode's signed
+public-key, timestamp and signature headers among them) and body pass unchanged, responses are
+streamed back; hop-by-hop headers (RFC 9110, 7.6.1) are the only ones dropped. Anything else gets
+404 and one log line. The gate serves TLS with the SuperLink's own server certificate and verifies
+the SuperLink's certificate with `ca.crt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import ssl
+from pathlib import Path
+
+import httpx
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, StreamingResponse
+
+from shared.config import ConfigError
+from simulations.cli.deploy import TlsFiles, check_port, tls_files
+
+LOG = logging.getLogger("fedtiny.fleet_gate")
+FLEET_PATH = re.compile(rb"/v1/fleet(/[A-Za-z0-9_-]+)+")  # no dots, no percent-escapes: nothing to normalise
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+CONNECT_TIMEOUT_S = 10.0  # to the SuperLink; reads have none (the SuperNode's own client times out)
+
+
+def is_fleet_path(raw_path: bytes) -> bool:
+    """True for `/v1/fleet/<name>[/<name>...]` with plain segments; the only paths the gate forwards."""
+    return FLEET_PATH.fullmatch(raw_path) is not None
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) -> (host, port); one ConfigError line otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} {text!r} is not HOST:PORT with a port in 1..65535")
+    return host, int(port)
+
+
+def _forwarded(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`headers` without hop-by-hop ones, nor those the Connection header names."""
+    named = {t.strip().lower() for k, v in headers if k.lower() == b"connection" for t in v.split(b",")}
+    return [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP and k.lower() not in named]
+
+
+class FleetGate:
+    """ASGI app forwarding Fleet API requests to `upstream` (`host:port` of a TLS SuperLink)."""
+
+    def __init__(self, upstream: str, ca_cert: Path) -> None:
+        self.upstream = upstream
+        verify = ssl.create_default_context(cafile=str(ca_cert))
+        self.client = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S))
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while (event := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await self.client.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":  # websockets
+            return
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "?"
+        if not is_fleet_path(raw_path):
+            LOG.warning("refused %s %s from %s (only /v1/fleet/ is served here)", scope["method"], raw_path.decode("latin-1"), client)
+            await PlainTextResponse("not found: this address serves only the Fleet API\n", 404)(scope, receive, send)
+            return
+        response = await self._forward(Request(scope, receive), raw_path, client)
+        await response(scope, receive, send)
+
+    async def _forward(self, request: Request, raw_path: bytes, client: str):
+        headers = request.headers.raw
+        has_body = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in headers)
+        query = request.scope.get("query_string", b"")
+        url = httpx.URL(f"https://{self.upstream}").copy_with(raw_path=raw_path + (b"?" + query if query else b""))
+        upstream_request = httpx.Request(
+            request.method, url, headers=_forwarded(headers), content=request.stream() if has_body else b"",
+        )
+        try:
+            reply = await self.client.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            LOG.error("SuperLink %s unreachable for %s %s from %s: %s", self.upstream, request.method, raw_path.decode(), client, exc)
+            return PlainTextResponse("bad gateway: the SuperLink did not answer\n", 502)
+        response = StreamingResponse(_raw_body(reply), status_code=reply.status_code)
+        response.raw_headers = _forwarded(reply.headers.raw)
+        return response
+
+
+async def _raw_body(reply: httpx.Response):
+    """The upstream body as it came (no decoding), closing the upstream response also on a disconnect."""
+    try:
+        async for chunk in reply.aiter_raw():
+            yield chunk
+    finally:
+        await reply.aclose()
+
+
+def server(listen: tuple[str, int], upstream: str, tls: TlsFiles) -> uvicorn.Server:
+    """A uvicorn server for the gate (call `.run()`; set `.should_exit` to stop it)."""
+    config = uvicorn.Config(
+        FleetGate(upstream, tls.ca_cert), host=listen[0], port=listen[1],
+        ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key),
+        server_header=False, date_header=False, access_log=False, log_level="warning", lifespan="on", ws="none",
+    )
+    return uvicorn.Server(config)
+
+
+def _fleet_gate(args: argparse.Namespace) -> int:
+    listen = parse_address(args.listen, "--listen")
+    upstream_host, upstream_port = parse_address(args.superlink, "--superlink")
+    tls = tls_files(Path(args.certs).expanduser().resolve())
+    tls.check()
+    check_port(*listen)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    upstream = f"[{upstream_host}]:{upstream_port}" if ":" in upstream_host else f"{upstream_host}:{upstream_port}"
+    LOG.info("Fleet API gate on %s:%d -> https://%s (everything else refused)", *listen, upstream)
+    try:
+        server(listen, upstream, tls).run()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Add `fleet-gate` to the `fedtiny` command line."""
+    p = subparsers.add_parser(
+        "fleet-gate",
+        help="TLS proxy that exposes only a SuperLink's Fleet API to SuperNodes (Control and Runtime stay on 127.0.0.1)",
+    )
+    p.add_argument("--listen", required=True, help="HOST:PORT the SuperNodes dial, e.g. 0.0.0.0:9092")
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink, e.g. 127.0.0.1:9091")
+    p.add_argument("--certs", required=True, help="folder with ca.crt, server.crt, server.key (the SuperLink's)")
+    p.set_defaults(func=_fleet_gate)
