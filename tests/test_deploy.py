@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -19,6 +24,7 @@ from simulations.cli.deploy import (
     make_node_key,
     make_tls,
     register_node,
+    running_gate,
     running_superlink,
     running_supernode,
 )
@@ -62,23 +68,71 @@ def test_missing_certificate_file_is_one_config_error(tmp_path):
         deploy_local(config, tmp_path / "out", 2, certs=tmp_path / "no-such-folder")
 
 
+def test_gate_and_superlink_ports_must_differ(tmp_path):
+    config = load_config(ROOT / "configs" / "tiny.yaml", TINY_DEPLOY)
+    port = free_port()
+    with pytest.raises(ConfigError, match=f"both {port}"):
+        deploy_local(config, tmp_path, 2, port=port, superlink_port=port)
+
+
 def test_nodes_must_match_num_clients(tmp_path):
     config = load_config(ROOT / "configs" / "tiny.yaml", TINY_DEPLOY)
     with pytest.raises(ConfigError, match="--nodes 3 but fl.num_clients=2"):
         deploy_local(config, tmp_path, 3)
 
 
+def _probe_while_running(gate_port: int, link_port: int, ca: Path, found: dict) -> None:
+    """During the run: the Control API through the node-facing address, and directly; who listens on the SuperLink port."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", gate_port)) == 0:
+                break
+        time.sleep(0.5)
+    verify = ssl.create_default_context(cafile=str(ca))
+    body = {"content": b"", "headers": {"content-type": "application/protobuf"}, "verify": verify, "timeout": 30}
+    found["via_gate"] = httpx.post(f"https://127.0.0.1:{gate_port}/v1/control/list-runs", **body).status_code
+    found["direct"] = httpx.post(f"https://127.0.0.1:{link_port}/v1/control/list-runs", **body).status_code
+    found["link_listens_on"] = sorted({
+        c.laddr.ip for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == link_port
+    })
+    while time.monotonic() < deadline and len(found.setdefault("nodes_dial", [])) < 2:
+        found["nodes_dial"] = _superlink_flags_of_supernodes_under(ca.parent.parent)
+        time.sleep(0.5)
+
+
+def _superlink_flags_of_supernodes_under(run_dir: Path) -> list[str]:
+    """`--superlink` of the running flower-supernode processes whose CA file is in `run_dir`."""
+    dial = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if any(a.endswith("flower-supernode") for a in cmd[:2]) and any(a.startswith(str(run_dir)) for a in cmd):
+            dial.append(cmd[cmd.index("--superlink") + 1])
+    return dial
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(600)  # about 1-2 min on 2 idle cores; several times that on a loaded machine
-def test_tls_authenticated_deployment_runs_fedtiny_and_writes_metrics(tmp_path):
+def test_tls_authenticated_deployment_runs_fedtiny_through_the_fleet_gate_only(tmp_path):
     out = tmp_path / "out"
     config = load_config(ROOT / "configs" / "tiny.yaml", [*TINY_DEPLOY, f"output_dir={out}"])
-    metrics = deploy_local(config, out, 2, progress=False, echo=False)
+    gate_port, link_port = free_port(), free_port()
+    found: dict = {}
+    ca = out / "deploy" / "certs" / "ca.crt"
+    probe = threading.Thread(target=_probe_while_running, args=(gate_port, link_port, ca, found), daemon=True)
+    probe.start()
+    metrics = deploy_local(config, out, 2, port=gate_port, progress=False, echo=False, superlink_port=link_port)
+    probe.join(60)
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert [r["round"] for r in metrics["rounds"]] == [0, 1, 2]
     assert metrics["summary"]["method"] == "fedtiny" and 0.0 <= metrics["summary"]["accuracy"] <= 1.0
     log = (out / "deploy" / "superlink.log").read_text()
-    assert log.count("[Fleet.ActivateNode] Activated node_id=") == 2
+    assert log.count("[Fleet.ActivateNode] Activated node_id=") == 2  # signed node requests pass the gate intact
+    assert found["via_gate"] == 404  # the node-facing address has no Control API
+    assert found["direct"] != 404  # ... which the SuperLink does serve, on 127.0.0.1 only
+    assert found["link_listens_on"] == ["127.0.0.1"]
+    assert "refused POST /v1/control/list-runs" in (out / "deploy" / "fleet-gate.log").read_text()
+    assert found["nodes_dial"] == [f"127.0.0.1:{gate_port}"] * 2
 
 
 @pytest.mark.integration
@@ -86,10 +140,12 @@ def test_tls_authenticated_deployment_runs_fedtiny_and_writes_metrics(tmp_path):
 def test_supernode_with_unregistered_key_is_refused(tmp_path):
     tls = make_tls(tmp_path / "certs")
     port = free_port()
-    with running_superlink(tmp_path, tls, "127.0.0.1", port) as cli_env:
+    gate_port = free_port()
+    with running_superlink(tmp_path, tls, "127.0.0.1", port) as cli_env, \
+            running_gate(tmp_path, tls, ("127.0.0.1", gate_port), f"127.0.0.1:{port}"):
         register_node(cli_env, make_node_key(tmp_path / "keys", "known"), "known")
         stranger = make_node_key(tmp_path / "keys", "stranger")
-        address = f"127.0.0.1:{port}"
+        address = f"127.0.0.1:{gate_port}"
         with running_supernode(tmp_path, "stranger", address, tls.ca_cert, stranger, 0, 2, ["--max-retries", "1"]) as node:
             try:
                 code = node.wait(90)

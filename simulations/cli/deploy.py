@@ -1,8 +1,11 @@
 """`fedtiny deploy-local`: the same ServerApp and ClientApp on a real Flower deployment on localhost.
 
-One `flower-superlink` with TLS and SuperNode authentication, N `flower-supernode`
-processes (node i gets `partition-id=i num-partitions=N` through `--node-config`),
-and the job submitted with `flwr run`, exactly as on separate machines. The run
+One `flower-superlink` with TLS and SuperNode authentication bound to 127.0.0.1, a
+`fedtiny fleet-gate` in front of it that forwards only the Fleet API, N `flower-supernode`
+processes dialling the gate (node i gets `partition-id=i num-partitions=N` through
+`--node-config`), and the job submitted with `flwr run` straight to the SuperLink, exactly as
+on separate machines (the open-source SuperLink's Control API has no authentication, so only the
+Fleet API may face the nodes; see `fleet_gate`). The run
 folder holds everything that must never be committed: a CA and server certificate
 made with `cryptography`, one EC key pair per node (only the public keys are
 registered with the SuperLink), each process's FLWR_HOME and logs. Every process
@@ -50,6 +53,7 @@ CONNECTION = "fedtiny-deploy"  # name of the SuperLink connection in the flwr CL
 CERT_DAYS = 30
 TASK_POLL_S = 0.2  # SuperExec's wait between ClientApp launches (Flower's default is 1 s; one launch per message)
 NODE_CURVE = ec.SECP384R1()  # `flwr supernode register` accepts NIST EC keys in OpenSSH format
+GATE_LOG = "fleet-gate.log"
 
 
 @dataclass(frozen=True)
@@ -239,11 +243,14 @@ def deploy_local(
     certs: Path | None = None,
     progress: bool = True,
     echo: bool = True,
+    superlink_port: int | None = None,
 ) -> dict:
     """Run `config` on a TLS SuperLink with `nodes` authenticated SuperNodes on localhost; returns metrics.json.
 
-    `certs` is a folder with ca.crt, server.crt and server.key to use instead of fresh ones.
-    Outputs go to `out` (the run folder `out/deploy` holds keys, certificates and logs).
+    `port` is the node-facing port (the fleet gate's), `superlink_port` the SuperLink's (Fleet,
+    Control and Runtime APIs, 127.0.0.1 only); both default to free ones. `certs` is a folder with
+    ca.crt, server.crt and server.key to use instead of fresh ones. Outputs go to `out` (the run
+    folder `out/deploy` holds keys, certificates and logs).
     """
     if nodes < 1:
         raise ConfigError(f"--nodes must be at least 1, got {nodes}")
@@ -252,22 +259,26 @@ def deploy_local(
     if config.simulation.virtual_partitions:
         raise ConfigError("simulation.virtual_partitions is for simulations; SuperNodes hold their own data, set it to false")
     host = "127.0.0.1"
-    if port is None:
-        port = free_port()
+    port = free_port() if port is None else port
+    superlink_port = free_port() if superlink_port is None else superlink_port
+    if port == superlink_port:
+        raise ConfigError(f"--port and --superlink-port are both {port}; the fleet gate and the SuperLink need one each")
     check_port(host, port)
+    check_port(host, superlink_port)
     given = tls_files(Path(certs).expanduser().resolve()) if certs is not None else None
     if given:
         given.check()
     run_dir = out / rundir.DEPLOY_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
     tls = given or make_tls(run_dir / "certs", (host, "localhost"))
-    address = f"{host}:{port}"
+    address = f"{host}:{port}"  # what the SuperNodes dial: the fleet gate
     run_config = out / rundir.RUN_CONFIG
     write_run_config(config, run_config)
     (out / rundir.METRICS).unlink(missing_ok=True)  # success is judged by this run's metrics.json only
 
     with _stop_on_sigterm(), ExitStack() as stack:
-        cli_env = stack.enter_context(running_superlink(run_dir, tls, host, port))
+        cli_env = stack.enter_context(running_superlink(run_dir, tls, host, superlink_port))
+        stack.enter_context(running_gate(run_dir, tls, (host, port), f"{host}:{superlink_port}"))
         for i in range(nodes):
             key = make_node_key(run_dir / "keys", f"node-{i}")
             register_node(cli_env, key, f"node-{i}")
@@ -288,6 +299,22 @@ def running_superlink(run_dir: Path, tls: TlsFiles, host: str, port: int) -> Ite
     with process(cmd, flower_env(home, port), run_dir / "superlink.out") as link:
         wait_for_port(port, link, log_file)
         yield flower_env(cli_home, port)
+
+
+@contextmanager
+def running_gate(run_dir: Path, tls: TlsFiles, listen: tuple[str, int], superlink: str) -> Iterator[subprocess.Popen]:
+    """`fedtiny fleet-gate` on `listen`, forwarding only the Fleet API to `superlink`; log in `run_dir/fleet-gate.log`."""
+    log_file = run_dir / GATE_LOG
+    cmd = [
+        sys.executable, "-m", "simulations.cli", "fleet-gate", "--listen", f"{listen[0]}:{listen[1]}",
+        "--superlink", superlink, "--certs", str(tls.ca_cert.parent),
+    ]
+    with process(cmd, flower_env(run_dir / "fleet-gate", listen[1]), log_file) as gate:
+        try:
+            wait_for_port(listen[1], gate, log_file)
+        except RunFailed:
+            raise RunFailed(f"the fleet gate did not start on {listen[0]}:{listen[1]}; see {log_file}") from None
+        yield gate
 
 
 @contextmanager
@@ -322,7 +349,9 @@ def _deploy_local(args: argparse.Namespace) -> int:
     preflight(config)
     certs = Path(args.certs) if args.certs else None
     try:
-        metrics = deploy_local(config, out, args.nodes, args.port, certs, progress=not args.no_progress)
+        metrics = deploy_local(
+            config, out, args.nodes, args.port, certs, progress=not args.no_progress, superlink_port=args.superlink_port,
+        )
     except RunFailed as exc:
         return fail(exc)
     except KeyboardInterrupt:
@@ -340,7 +369,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes; sets fl.num_clients (one partition each)")
     p.add_argument("--config", help="YAML file merged onto configs/default.yaml")
-    p.add_argument("--port", type=int, help="SuperLink port on 127.0.0.1 (default: a free one)")
+    p.add_argument("--port", type=int, help="node-facing port on 127.0.0.1, the fleet gate's (default: a free one)")
+    p.add_argument(
+        "--superlink-port", type=int, help="the SuperLink's port on 127.0.0.1: Fleet, Control, Runtime (default: a free one)",
+    )
     p.add_argument("--certs", help="folder with ca.crt, server.crt, server.key to use instead of fresh ones")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fl.rounds=5")

@@ -127,6 +127,7 @@ def _fleet_gate(args: argparse.Namespace) -> int:
     tls.check()
     check_port(*listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
     upstream = f"[{upstream_host}]:{upstream_port}" if ":" in upstream_host else f"{upstream_host}:{upstream_port}"
     LOG.info("Fleet API gate on %s:%d -> https://%s (everything else refused)", *listen, upstream)
     try:
