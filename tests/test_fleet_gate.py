@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from shared.config import ConfigError
 from simulations.cli.deploy import make_tls
-from simulations.cli.fleet_gate import is_fleet_path, parse_address, server
+from simulations.cli.fleet_gate import check_names_host, is_fleet_path, parse_address, server
 from simulations.cli.launch import free_port
 
 
@@ -145,3 +145,11 @@ def test_bad_address_is_one_config_error(text):
 
 def test_ipv6_address_parses():
     assert parse_address("[::1]:9092", "--listen") == ("::1", 9092)
+
+
+def test_certificate_that_does_not_name_the_superlink_host_is_one_config_error(tmp_path):
+    tls = make_tls(tmp_path, ["10.0.0.1", "superlink.example"])
+    with pytest.raises(ConfigError, match="names 10.0.0.1, superlink.example, not the --superlink host 127.0.0.1"):
+        check_names_host(tls.server_cert, "127.0.0.1")
+    check_names_host(make_tls(tmp_path / "ok", ["10.0.0.1", "superlink.example", "127.0.0.1"]).server_cert, "127.0.0.1")
+    check_names_host(tls.server_cert, "SuperLink.example")

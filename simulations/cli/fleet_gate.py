@@ -15,6 +15,7 @@ the SuperLink's certificate with `ca.crt`.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import re
 import ssl
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from cryptography import x509
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 
@@ -49,6 +51,37 @@ def parse_address(text: str, flag: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{flag} {text!r} is not HOST:PORT with a port in 1..65535")
     return host, int(port)
+
+
+def cert_names(cert: Path) -> list[str]:
+    """The IP addresses and DNS names a certificate's subjectAltName lists."""
+    try:
+        san = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return []
+    return [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] + san.value.get_values_for_type(x509.DNSName)
+
+
+def check_names_host(cert: Path, host: str) -> None:
+    """The gate verifies the SuperLink's certificate for `host`: fail with one line before starting if it does not name it."""
+    names = cert_names(cert)
+    try:
+        found = ipaddress.ip_address(host) in {ipaddress.ip_address(n) for n in names if _is_ip(n)}
+    except ValueError:
+        found = host.lower() in {n.lower() for n in names}
+    if not found:
+        raise ConfigError(
+            f"{cert} names {', '.join(names) or 'no host'}, not the --superlink host {host} the gate checks it for; "
+            f"make it with make_tls(folder, [..., {host!r}])"
+        )
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _forwarded(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -125,6 +158,7 @@ def _fleet_gate(args: argparse.Namespace) -> int:
     upstream_host, upstream_port = parse_address(args.superlink, "--superlink")
     tls = tls_files(Path(args.certs).expanduser().resolve())
     tls.check()
+    check_names_host(tls.server_cert, upstream_host)
     check_port(*listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded request
