@@ -1,9 +1,9 @@
 """Server-side aggregation: sample-weighted averages of client states over active positions, made robust.
 
 One client of ten must not be able to poison the round (issue "One client, file or name cannot
-crash, poison or take over a run"): `clip_to_median` bounds every update's distance from the
-global model by a multiple of the round's median distance (adaptive, so honest rounds are
-untouched), `cap_weights` bounds any client's share of the sample weights, and `combine` offers
+crash, poison or take over a run"): `screen_updates` rejects or clips every update by its
+distance from the global model in multiples of the round's median distance (adaptive, so honest
+rounds are untouched), `cap_weights` bounds any client's share of the sample weights, and `combine` offers
 coordinate-wise trimmed mean or median (Yin et al., "Byzantine-Robust Distributed Learning",
 ICML 2018, arXiv 1803.01498) besides FedAvg.
 """
@@ -29,10 +29,16 @@ def weighted_average(states: Sequence[Tensors], weights: Sequence[float], masks:
 
 def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors | None = None,
             aggregator: str = "mean", trim_fraction: float = 0.1) -> Tensors:
-    """Float tensors by `aggregator`: "mean" (sample-weighted, FedAvg), "trimmed-mean" (per
-    coordinate, the `trim_fraction` largest and smallest client values dropped, the rest averaged
-    unweighted) or "median" (per coordinate). Integer buffers take the maximum; with masks, pruned
-    positions stay exactly zero."""
+    """Float tensors by `aggregator`: "mean" (sample-weighted, FedAvg), "trimmed-mean" (per coordinate,
+    the k largest and k smallest client values left out, k = max(1, trim_fraction x n) from 4 clients
+    on, the rest sample-weighted) or "median" (per coordinate). Integer buffers take the maximum; with
+    masks, pruned positions stay exactly zero.
+
+    Why trimmed by default: norm clipping bounds an update's length, not its direction, and one client
+    in ten that pushes every weight the same way ruins the model in three rounds even when clipped
+    (measured: the `huge` attack of the drill). Clipping its values to the honest range per coordinate
+    (winsorizing) still biases every weight towards the honest maximum, which ruined it as well; left
+    out per coordinate, with the honest extreme on the other side, the mean stays unbiased."""
     if not states:
         raise ValueError("nothing to aggregate")
     total = float(sum(weights))
@@ -45,20 +51,30 @@ def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors 
             value = torch.zeros_like(first, dtype=torch.float64)
             for state, w in zip(states, weights):
                 value += state[name].double() * (w / total)
+        elif aggregator == "trimmed-mean":
+            value = _trimmed(torch.stack([s[name].double() for s in states]), weights, trim_fraction)
         else:
-            value = _robust(torch.stack([s[name].double() for s in states]), aggregator, trim_fraction)
+            value = _robust(torch.stack([s[name].double() for s in states]), aggregator)
         value = value.to(first.dtype)
         out[name] = value * masks[name] if masks and name in masks else value
     return out
 
 
-def _robust(stacked: torch.Tensor, aggregator: str, trim_fraction: float) -> torch.Tensor:
+def _trimmed(stacked: torch.Tensor, weights: Sequence[float], trim_fraction: float) -> torch.Tensor:
+    """Per coordinate, the sample-weighted mean of the client values ranked k .. n-1-k (all below 4 clients)."""
+    n = stacked.shape[0]
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64).reshape(-1, *[1] * (stacked.dim() - 1))
+    if n < 4:
+        return (stacked * w).sum(0) / w.sum()
+    k = max(1, int(math.floor(trim_fraction * n)))
+    rank = stacked.argsort(0).argsort(0)
+    keep = ((rank >= k) & (rank <= n - 1 - k)).double() * w
+    return (stacked * keep).sum(0) / keep.sum(0)
+
+
+def _robust(stacked: torch.Tensor, aggregator: str) -> torch.Tensor:
     if aggregator == "median":
         return stacked.quantile(0.5, dim=0) if stacked.numel() <= 2**24 else stacked.median(0).values
-    if aggregator == "trimmed-mean":
-        n = stacked.shape[0]
-        cut = min(int(math.floor(trim_fraction * n)), (n - 1) // 2)
-        return stacked.sort(0).values[cut : n - cut].mean(0)
     raise ValueError(f"unknown aggregator {aggregator!r}; use mean, trimmed-mean or median")
 
 
@@ -78,17 +94,30 @@ def clip_update(reference: Tensors, update: Tensors, max_norm: float) -> Tensors
             if v.is_floating_point() else v for n, v in update.items()}
 
 
-def clip_to_median(reference: Tensors, updates: Sequence[Tensors], multiple: float) -> tuple[list[Tensors], int]:
-    """Every update's distance from `reference` clipped to `multiple` x the round's median distance
-    (adaptive clipping: the bound follows the honest majority, so one client's scale cannot take the
-    round over, while honest updates, which sit near the median, pass unchanged). Returns the updates
-    and how many were clipped."""
-    if multiple <= 0 or len(updates) < 2:
-        return list(updates), 0
+def screen_updates(reference: Tensors, updates: Sequence[Tensors], clip_multiple: float,
+                   reject_multiple: float) -> tuple[list[Tensors | None], list[str | None]]:
+    """Adaptive bounds on every update's distance from `reference`, in multiples of the round's
+    median distance (the honest majority's scale, so honest updates, which sit near the median,
+    pass unchanged): beyond `reject_multiple` an update is an outlier and rejected (None, with the
+    reason), beyond `clip_multiple` it is scaled back to that distance (0 turns either off)."""
+    if len(updates) < 2:
+        return list(updates), [None] * len(updates)
     norms = [distance(reference, u) for u in updates]
-    bound = multiple * sorted(norms)[(len(norms) - 1) // 2]
-    out = [clip_update(reference, u, bound) if n > bound else u for u, n in zip(updates, norms)]
-    return out, sum(n > bound for n in norms)
+    median = sorted(norms)[(len(norms) - 1) // 2]
+    out: list[Tensors | None] = []
+    reasons: list[str | None] = []
+    for u, n in zip(updates, norms):
+        if reject_multiple > 0 and n > reject_multiple * median:
+            out.append(None)
+            reasons.append(f"update distance {n:.3g} is {n / max(median, 1e-300):.3g} x the round's median "
+                           f"(fl.reject_multiple={reject_multiple:g})")
+        elif clip_multiple > 0 and n > clip_multiple * median:
+            out.append(clip_update(reference, u, clip_multiple * median))
+            reasons.append(None)
+        else:
+            out.append(u)
+            reasons.append(None)
+    return out, reasons
 
 
 def cap_weights(weights: Sequence[float], share: float) -> list[float]:

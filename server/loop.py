@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, RecordDict
 
 from server import checkpoint
 from server.context import RunContext
-from server.aggregate import clip_to_median, clip_update
-from server.fleet import Reply, config_record, error_line, log
+from server.aggregate import clip_update, screen_updates
+from server.fleet import Reply, config_record, error_line
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
 from server.replies import check_evaluate
@@ -100,12 +100,13 @@ def training_round(ctx: RunContext, method: Method, gm: GlobalModel, t: int, ext
         gm.forget(node)
     for r in replies:
         gm.delivered(r.node_id)
-    clipped, count = clip_to_median(gm.state, [r.decoded for r in replies], ctx.config.fl.clip_multiple)
-    for r, update in zip(replies, clipped):
+    f = ctx.config.fl
+    screened, reasons = screen_updates(gm.state, [r.decoded for r in replies], f.clip_multiple, f.reject_multiple)
+    for r, update, reason in zip(replies, screened, reasons):
         r.decoded = update
-    if count:
-        log.info("round %d: %d of %d updates clipped to %g x the median distance (fl.clip_multiple)",
-                 t, count, len(replies), ctx.config.fl.clip_multiple)
+        if reason:
+            ctx.fleet.reject(r.node_id, p.TRAIN, reason)
+    replies = [r for r in replies if r.decoded is not None]
     gm.state = method.aggregate(ctx, gm, replies)
     ctx.dense_traffic(len(sampled), len(replies), gm.dense_bytes())
     return replies

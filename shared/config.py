@@ -28,7 +28,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
-AGGREGATORS = ("mean", "trimmed-mean", "median")  # fl.aggregator (server.aggregate)
+AGGREGATORS = ("trimmed-mean", "mean", "median")  # fl.aggregator (server.aggregate)
 MAX_WIDTH = 16.0  # model.width: 16x the channels is already ~256x the weights
 MAX_CPUS = 4096  # simulation.num_cpus: logical CPUs Ray may schedule on (spare actors for stragglers included)
 ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search")  # client.attacks
@@ -78,11 +78,13 @@ class FLConfig:
     eval_every: int = 1  # central test evaluation every this many rounds; round 0 and the last round always
     # Robust aggregation (server.aggregate): each update's distance from the global model is clipped to
     # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
-    # the round (0: off); aggregator mean (FedAvg) | trimmed-mean | median (coordinate-wise).
+    # the round (0: off); aggregator trimmed-mean (per coordinate the extreme clients left out, the rest
+    # sample-weighted) | mean (FedAvg) | median (coordinate-wise).
     clip_multiple: float = 10.0
+    reject_multiple: float = 100.0  # an update farther than this multiple of the round's median distance is rejected
     max_weight_share: float = 0.0
-    aggregator: str = "mean"
-    trim_fraction: float = 0.1  # trimmed-mean: the fraction dropped at each end per coordinate
+    aggregator: str = "trimmed-mean"
+    trim_fraction: float = 0.1  # trimmed-mean: the fraction of clients left out at each end per coordinate (at least 1)
 
 
 @dataclass
@@ -400,6 +402,8 @@ def validate(c: Config) -> None:
     check(c.fl.max_update_norm >= 0, "fl.max_update_norm", "must be >= 0 (0 turns clipping off)")
     check(c.fl.clip_multiple == 0 or c.fl.clip_multiple >= 1, "fl.clip_multiple",
           "must be 0 (off) or >= 1 (a multiple of the round's median update distance)")
+    check(c.fl.reject_multiple == 0 or c.fl.reject_multiple >= max(1.0, c.fl.clip_multiple), "fl.reject_multiple",
+          "must be 0 (off) or at least fl.clip_multiple (and >= 1)")
     check(c.fl.max_weight_share == 0 or 1 / c.fl.clients_per_round <= c.fl.max_weight_share <= 1,
           "fl.max_weight_share", "must be 0 (off) or in [1 / fl.clients_per_round, 1]")
     check(c.fl.aggregator in AGGREGATORS, "fl.aggregator", f"must be one of {', '.join(AGGREGATORS)}")

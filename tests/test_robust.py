@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from helpers import tiny_config
 from server import replies
 from server.aggregate import (
-    cap_weights, clip_bn_stats, clip_to_mad, clip_to_median, combine, robust_mean_loss, robust_scores, weighted_average,
+    cap_weights, clip_bn_stats, clip_to_mad, combine, robust_mean_loss, robust_scores, screen_updates, weighted_average,
 )
 from server.fleet import Fleet, Reply
 from shared import codec, protocol as p
@@ -103,12 +103,14 @@ def test_mean_aggregation_is_fedavg_and_robust_ones_ignore_one_outlier():
     assert trimmed["w"].tolist() == [2.5, 0.0]  # 1 and 1e30 dropped
 
 
-def test_adaptive_clipping_bounds_an_outlier_and_leaves_honest_updates_alone():
+def test_adaptive_bounds_reject_a_far_outlier_clip_a_near_one_and_leave_honest_updates_alone():
     ref = {"w": torch.zeros(4)}
-    honest = [{"w": torch.full((4,), v)} for v in (1.0, 1.2, 0.9)]
-    clipped, count = clip_to_median(ref, [*honest, {"w": torch.full((4,), 1e30)}], multiple=3.0)
-    assert count == 1 and all(torch.equal(a["w"], b["w"]) for a, b in zip(clipped, honest))
-    assert torch.linalg.vector_norm(clipped[3]["w"]).item() == pytest.approx(3 * 2.0, rel=1e-6)  # 3 x median norm 2
+    honest = [{"w": torch.full((4,), v)} for v in (1.0, 1.2, 0.9)]  # distances 2, 2.4, 1.8
+    screened, reasons = screen_updates(ref, [*honest, {"w": torch.full((4,), 5.0)}, {"w": torch.full((4,), 1e30)}],
+                                       clip_multiple=3.0, reject_multiple=100.0)
+    assert all(torch.equal(a["w"], b["w"]) for a, b in zip(screened, honest)) and reasons[:4] == [None] * 4
+    assert torch.linalg.vector_norm(screened[3]["w"]).item() == pytest.approx(3 * 2.4, rel=1e-6)  # 3 x median 2.4
+    assert screened[4] is None and "x the round's median (fl.reject_multiple=100)" in reasons[4]
 
 
 def test_no_client_weighs_more_than_the_max_share():
@@ -157,5 +159,5 @@ def test_a_run_with_an_attacker_completes_with_a_finite_model(tmp_path, attack):
     state, _ = codec.load(tmp_path / "model.ftc")
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert 0.0 <= metrics["summary"]["federated_accuracy"] <= 1.0
-    if attack in ("scale", "bn-variance", "evaluate"):  # rejected outright; huge, topk and search are clipped
+    if attack in ("scale", "huge", "bn-variance", "evaluate"):  # rejected outright; topk and search are clipped
         assert metrics["summary"]["rejected_updates"] > 0

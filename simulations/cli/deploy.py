@@ -45,9 +45,9 @@ from simulations.cli.launch import (
     wait_for_port,
     flower_env,
     free_port,
-    stop_group,
     write_run_config,
 )
+from simulations.cli.processes import guard, stop_group
 
 CONNECTION = "fedtiny-deploy"  # name of the SuperLink connection in the flwr CLI's config.toml
 CERT_DAYS = 30
@@ -212,6 +212,7 @@ def process(cmd: list[str], env: dict[str, str], log_file: Path) -> Iterator[sub
     """A child in its own process group, output to `log_file`, stopped (with its children) on exit."""
     with open(log_file, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    guard(proc)  # stopped even if this process is killed with -9
     try:
         yield proc
     finally:
@@ -337,6 +338,7 @@ def _submit(env: dict[str, str], run_config: Path, log_path: Path, rounds: int, 
     cmd = ["flwr", "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", str(run_config)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        guard(proc)
         try:
             follow(proc, log, rounds, progress, echo)
         finally:
