@@ -179,7 +179,7 @@ class FedDST(Method):
         for r in replies:
             got = check_mask_changes(r, gm, self.limits)
             if isinstance(got, str):
-                ctx.recorder.note(f"feddst: node {r.node_id} mask changes ignored: {got}")
+                ctx.fleet.reject(r.node_id, p.TRAIN, f"feddst mask changes: {got}")
                 continue
             self.client_masks.append(got[0])
             states.append(got[1])
