@@ -59,7 +59,7 @@ def test_stop_stale_stops_only_the_process_the_pid_file_names(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killing_fedtiny_run_leaves_no_process_behind(tmp_path, sig):
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "simulations.cli", "run", "--config", "configs/tiny.yaml", "--no-progress",
