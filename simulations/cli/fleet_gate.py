@@ -100,7 +100,7 @@ class FleetGate:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
-            while (event := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await self.client.aclose()
             await send({"type": "lifespan.shutdown.complete"})
