@@ -15,6 +15,9 @@ from typing import Sequence
 
 import torch
 
+from shared.pruning import average_scores
+from shared.pruning.prune_grow import median_peak
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -177,15 +180,12 @@ def clip_bn_stats(stats: Sequence[dict], k: float = 6.0) -> list[dict]:
 def robust_scores(scores: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
     """Sample-weighted mean of clients' importance scores (SNIP, PruneFL's squared gradients) after
     clipping every client's scores of a layer to the median over clients of their largest |score|
-    there: one client's scale cannot decide which weights a mask keeps."""
-    from shared.pruning import average_scores
-
+    there (`median_peak`): one client's scale cannot decide which weights a mask keeps."""
     if len(scores) < 3:
         return average_scores(scores, weights)
     clipped = [dict(s) for s in scores]
     for name in scores[0]:
-        peaks = sorted(float(s[name].abs().max()) for s in scores)
-        bound = peaks[(len(peaks) - 1) // 2]
+        bound = median_peak([s[name] for s in scores])
         for s in clipped:
             s[name] = s[name].clamp(-bound, bound)
     return average_scores(clipped, weights)

@@ -101,15 +101,20 @@ def topk_pruned(grad: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return index, flat[index].clone()
 
 
+def median_peak(values: Sequence[Tensor]) -> float:
+    """The (lower) median over clients of each client's largest |value| (0 for an empty one)."""
+    peaks = sorted(float(v.abs().max()) if v.numel() else 0.0 for v in values)
+    return peaks[(len(peaks) - 1) // 2]
+
+
 def clip_to_median_peak(parts: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """Clients' (index, value) parts with every |value| clipped to the median over clients of each
-    client's largest |value|: one client's magnitude then counts at most as much as a typical
-    client's strongest gradient, so growth follows positions that several clients rank high rather
-    than one client's scale (a client sending 3e38 at chosen positions no longer decides them)."""
-    peaks = sorted(float(v.abs().max()) if v.numel() else 0.0 for _, v in parts)
-    if not peaks:
+    """Clients' (index, value) parts with every |value| clipped to `median_peak` of the values: one
+    client's magnitude then counts at most as much as a typical client's strongest gradient, so
+    growth follows positions that several clients rank high rather than one client's scale (a
+    client sending 3e38 at chosen positions no longer decides them)."""
+    if not parts:
         return []
-    bound = peaks[(len(peaks) - 1) // 2]
+    bound = median_peak([v for _, v in parts])
     return [(i, v.clamp(-bound, bound)) for i, v in parts]
 
 
