@@ -17,6 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from server.replies import check_count, check_hello
 from shared import protocol as p
 
 log = logging.getLogger("fedtiny")
@@ -92,8 +93,6 @@ class Fleet:
         Otherwise each node's hello says it (checked by `server.replies.check_hello`; a bad hello
         leaves that node out, logged).
         """
-        from server.replies import check_hello
-
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         while len(nodes := sorted(self.grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
@@ -190,8 +189,6 @@ class Fleet:
                  check: Callable[[Reply], tuple[Any, str | None]] = lambda r: (None, None)) -> list[Reply]:
         """The replies whose example count (a positive integer, at most what the node holds) and
         `check` pass, each keeping what `check` decoded as `Reply.decoded`; the others are rejected."""
-        from server.replies import check_count
-
         out = []
         for reply in replies:
             metrics = reply.content[p.METRICS] if p.METRICS in reply.content else {}
@@ -237,11 +234,6 @@ class Fleet:
 def config_record(values: dict) -> ConfigRecord:
     """A message's config record; None values are left out."""
     return ConfigRecord({k: v for k, v in values.items() if v is not None})
-
-
-def error_line(exc: BaseException) -> str:
-    """An exception as one line for a rejection reason: its first line, or its type when it has no message."""
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _last_line(text: str) -> str:

@@ -16,7 +16,8 @@ from flwr.app import ConfigRecord, RecordDict
 from server import checkpoint
 from server.context import RunContext
 from server.aggregate import clip_update, screen_updates
-from server.fleet import Reply, config_record, error_line
+from server.fleet import Reply, config_record
+from server.replies import error_line
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
 from server.replies import check_evaluate
@@ -44,13 +45,12 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
     against (the round's download), or the reason to reject it: (update, None) or (None, reason).
 
     Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf, negative
-    BN running variances, a mask other than the global one (values at pruned positions, wrong density), and
-    num-examples <= 0. With `max_norm` > 0 the update's distance from the global model
-    is clipped to that norm (bounding the influence of outliers). Pure: nothing is written.
+    BN running variances, a mask other than the global one (values at pruned positions, wrong density);
+    the example count is checked before, in `Fleet.accepted`. With `max_norm` > 0 the update's distance
+    from the global model is clipped to that norm (bounding the influence of outliers). Pure: nothing is written.
     """
     try:
         blob = reply.content[p.PAYLOAD][p.UPDATE]
-        num_examples = reply.num_examples
         expected = codec.expect(gm.state, {n: gm.upload_dtypes(n) for n in gm.state})  # checked before allocating
         tensors, masks = codec.decode(blob, masks=gm.masks, max_bytes=gm.max_update_bytes(), base=gm.state, expected=expected)
     except (KeyError, ValueError, TypeError) as exc:
@@ -70,8 +70,6 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
             return None, f"{name} arrived dense, without the global mask (density {mask.float().mean():.4f})"
         if not torch.equal(masks[name], mask):
             return None, f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
-    if num_examples <= 0:
-        return None, f"num-examples={num_examples}"
     return (clip_update(gm.state, tensors, max_norm) if max_norm > 0 else tensors), None
 
 

@@ -1,7 +1,7 @@
 """What a client's reply may say: one check per message type of the shared phases.
 
 A reply is hostile until checked. Each check returns (what the phase uses, None) or (None, why it is
-rejected); `Fleet.accept` logs and counts a rejection with the node, and the phase goes on with the
+rejected); `Fleet.accepted` logs and counts a rejection with the node, and the phase goes on with the
 other replies. Counts are positive integers no larger than what the node holds (its registration, or
 in a simulation with virtual partitions what the server knows each partition holds), so no client can
 outweigh its data; losses, variances and scores are finite and >= 0 where they must be.
@@ -13,13 +13,15 @@ Method-specific replies are checked in their method's module (FedTiny's `check_t
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from server.fleet import Reply, error_line
 from shared import codec, protocol as p
 from shared.batchnorm import BNStats, bn_stats_from_tensors
+
+if TYPE_CHECKING:  # the fleet imports these checks
+    from server.fleet import Reply
 
 Checked = tuple[Any, str | None]
 
@@ -33,6 +35,11 @@ def check_count(value: Any, limit: int | None, key: str = p.NUM_EXAMPLES) -> tup
     if limit is not None and value > limit:
         return None, f"{key}={int(value)} is more than the {limit} examples this node holds"
     return int(value), None
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as one line for a rejection reason: its first line, or its type when it has no message."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def metric(reply: Reply, key: str) -> Any:
