@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from shared.pruning import average_scores
-from shared.pruning.prune_grow import median_peak
+from shared.pruning.prune_grow import MIN_CLIENTS_TO_CLIP, median_peak
 
 Tensors = dict[str, torch.Tensor]
 
@@ -138,10 +138,10 @@ def cap_weights(weights: Sequence[float], share: float) -> list[float]:
 def clip_to_mad(values: Sequence[float], k: float = 5.0) -> list[float]:
     """Scalars (e.g. clients' mean losses of one candidate) clipped to median +- k x MAD: a robust
     bound on one client's pull (a loss of 0 or 1e30 cannot pick or sink a candidate), while an honest
-    majority's values, which sit within a few MADs, are unchanged."""
+    majority's values, which sit within a few MADs, are unchanged. Unchanged below three clients."""
     s = sorted(values)
-    if not s:
-        return []
+    if len(s) < MIN_CLIENTS_TO_CLIP:
+        return list(values)
     med = s[(len(s) - 1) // 2]
     mad = sorted(abs(v - med) for v in s)[(len(s) - 1) // 2]
     return [min(max(v, med - k * mad), med + k * mad) for v in values]
@@ -163,7 +163,7 @@ def clip_bn_stats(stats: Sequence[dict], k: float = 6.0) -> list[dict]:
     mean +- k standard deviations (the median variance) and its variance to at most k^2 times the
     median variance: one client cannot move the pooled statistics (and so every candidate's loss) far,
     while honest clients, whose inputs share a distribution, are untouched."""
-    if len(stats) < 3:
+    if len(stats) < MIN_CLIENTS_TO_CLIP:
         return list(stats)
     out = [dict(s) for s in stats]
     for name in stats[0]:
@@ -181,7 +181,7 @@ def robust_scores(scores: Sequence[Tensors], weights: Sequence[float]) -> Tensor
     """Sample-weighted mean of clients' importance scores (SNIP, PruneFL's squared gradients) after
     clipping every client's scores of a layer to the median over clients of their largest |score|
     there (`median_peak`): one client's scale cannot decide which weights a mask keeps."""
-    if len(scores) < 3:
+    if len(scores) < MIN_CLIENTS_TO_CLIP:
         return average_scores(scores, weights)
     clipped = [dict(s) for s in scores]
     for name in scores[0]:

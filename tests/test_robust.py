@@ -135,6 +135,15 @@ def test_one_clients_huge_scores_do_not_decide_the_mask():
     assert top_indices(averaged, 2).tolist() == [0, 1]
 
 
+def test_below_three_clients_there_is_no_majority_so_nothing_is_clipped():
+    honest, other = {"w": torch.tensor([3.0, 2.0, 1.0, 0.0])}, {"w": torch.tensor([0.0, 0.0, 0.0, 9.0])}
+    assert robust_scores([honest, other], [10, 10])["w"].tolist() == [1.5, 1.0, 0.5, 4.5]
+    parts = [(torch.tensor([0]), torch.tensor([1.0])), (torch.tensor([1]), torch.tensor([9.0]))]
+    assert clip_to_median_peak(parts) == parts and clip_to_median_peak([]) == []
+    stats = [{"bn": (torch.full((2,), m, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 100)} for m in (0.0, 1e3)]
+    assert clip_bn_stats(stats) == stats and clip_to_mad([2.3, 0.4]) == [2.3, 0.4]
+
+
 def test_one_clients_bn_statistics_cannot_move_the_pooled_ones_far():
     def stats(mean):
         return {"bn": (torch.full((2,), mean, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 100)}
