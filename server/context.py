@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from server.fleet import Fleet, Traffic
+from server.aggregate import cap_weights
+from server.fleet import Fleet, Reply, Traffic
 from server.recorder import Recorder
 from shared.config import Config
 from shared.data import DataBundle, batches, to_tensor
@@ -67,6 +68,10 @@ class RunContext:
     def blocks(self, model: torch.nn.Module) -> list[list[str]]:
         keep = set(self.prunable(model))
         return [b for b in ([n for n in block if n in keep] for block in prunable_blocks(model)) if b]
+
+    def weights(self, replies: list[Reply]) -> list[float]:
+        """The replies' sample weights, none above `fl.max_weight_share` of them (when set)."""
+        return cap_weights([r.num_examples for r in replies], self.config.fl.max_weight_share)
 
     def client_seed(self, round_: int, node_id: int) -> int:
         """A seed for a client's local work, reproducible from (seed, round, partition)."""

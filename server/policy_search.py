@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from server import loop, replies
-from server.aggregate import cap_weights, clip_bn_stats, robust_mean_loss, robust_scores
+from server.aggregate import clip_bn_stats, robust_mean_loss, robust_scores
 from server.context import RunContext
 from server.global_model import GlobalModel
 from server.fleet import config_record
@@ -54,7 +54,7 @@ def client_scores(ctx: RunContext, model: torch.nn.Module, score: str, clients: 
 
     shapes = {n: tuple(w.shape) for n, w in model.named_parameters() if n in set(prunable_names(model))}
     _, got = ctx.fleet.round(clients, p.SCORES, build, ctx.rng, lambda r: replies.check_scores(r, shapes))
-    return robust_scores([r.decoded for r in got], cap_weights([r.num_examples for r in got], ctx.config.fl.max_weight_share))
+    return robust_scores([r.decoded for r in got], ctx.weights(got))
 
 
 def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]:

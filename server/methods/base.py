@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
-from server.aggregate import cap_weights, combine
+from server.aggregate import combine
 from server.global_model import GlobalModel
 from shared.config import register_method
 from shared.data import batches
@@ -112,7 +112,7 @@ class Method:
         """The round's new global state from the accepted replies: by default sample-weighted FedAvg over
         kept positions, robust as configured (`fl.aggregator`, `fl.max_weight_share`; server.aggregate)."""
         f = ctx.config.fl
-        return combine([r.decoded for r in replies], round_weights(ctx, replies), gm.masks or None,
+        return combine([r.decoded for r in replies], ctx.weights(replies), gm.masks or None,
                        f.aggregator, f.trim_fraction)
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
@@ -171,8 +171,3 @@ def server_warmup(ctx: RunContext, model: torch.nn.Module) -> None:
     warmup(model, lambda e: batches(ctx.bundle, x, y, c.fl.batch_size, True, c.seed + e), c.warmup.epochs, c.fl.lr)
     model.to("cpu")
     ctx.recorder.note(f"server warm-up: {c.warmup.epochs} epochs on {len(y)} examples")
-
-
-def round_weights(ctx: RunContext, replies: list[Reply]) -> list[float]:
-    """The replies' sample weights, none above `fl.max_weight_share` of the round (when set)."""
-    return cap_weights([r.num_examples for r in replies], ctx.config.fl.max_weight_share)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.aggregate import cap_weights, mask_weighted_average
+from server.aggregate import mask_weighted_average
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
@@ -175,7 +175,7 @@ class FedDST(Method):
         self.client_masks = []
         if not self.readjusting:
             return super().aggregate(ctx, gm, replies)
-        states, weights = [], []
+        states, senders = [], []
         for r in replies:
             got = check_mask_changes(r, gm, self.limits)
             if isinstance(got, str):
@@ -183,10 +183,10 @@ class FedDST(Method):
                 continue
             self.client_masks.append(got[0])
             states.append(got[1])
-            weights.append(r.num_examples)
+            senders.append(r)
         if not states:
             return super().aggregate(ctx, gm, replies)
-        return mask_weighted_average(states, self.client_masks, cap_weights(weights, ctx.config.fl.max_weight_share))
+        return mask_weighted_average(states, self.client_masks, ctx.weights(senders))
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not self.client_masks:

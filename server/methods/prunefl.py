@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.aggregate import cap_weights, robust_scores
+from server.aggregate import robust_scores
 from server.context import RunContext
 from server.fleet import Reply
 from server.global_model import GlobalModel
@@ -112,17 +112,17 @@ class PruneFL(Method):
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not self.asked:
             return
-        scores, weights = [], []
+        scores, senders = [], []
         for r in replies:
             got = check_sq_grads(r, gm)
             if isinstance(got, str):
                 ctx.fleet.reject(r.node_id, p.TRAIN, f"prunefl: {got}")
                 continue
             scores.append(got)
-            weights.append(r.num_examples)
+            senders.append(r)
         if not scores:
             return
-        importance = robust_scores(scores, cap_weights(weights, ctx.config.fl.max_weight_share))
+        importance = robust_scores(scores, ctx.weights(senders))
         fraction = self.settings.max_change * 0.5**self.remaskings
         sparse = [n for n in gm.masks if n not in self.dense]
         counts = {n: math.ceil(fraction * int(gm.masks[n].sum())) for n in sparse}
