@@ -135,6 +135,21 @@ def test_compare_runs_two_cells_in_simulation_then_resumes(tmp_path):
     assert (tmp_path / "synflow-d0.05-s0" / "metrics.json").stat().st_mtime_ns == stamp
 
 
+def test_each_fedtiny_search_is_reported_with_its_pooled_losses(tmp_path):
+    searched = _metrics(0.8)
+    searched["summary"] |= {"selected": "erk+synflow", "candidates": [
+        {"name": "global+magnitude", "abns_loss": 2.21, "loss": 2.37, "stages": [2.37]},
+        {"name": "erk+synflow", "abns_loss": 2.26, "loss": 1.00, "stages": [1.40, 1.00]},
+    ]}
+    compare.write_outputs({Cell("fedtiny", 0.003, 1): searched, Cell("synflow", 0.003, 1): _metrics(0.7)}, tmp_path)
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| fedtiny-d0.003-s1 | erk+synflow | 2.260 (2 of 2) | 1.400 → 1.000 | global+magnitude |" in table
+    assert table.count("-d0.003-s1 |") == 1  # runs without a search have no row
+    unsearched = _metrics(0.7)
+    unsearched["summary"] |= {"selected": "erk+synflow", "candidates": [{"name": "erk+synflow", "loss": None}]}
+    assert compare.search_table({Cell("synflow", 0.003, 1): _metrics(0.7), Cell("fedtiny-noabns", 0.003, 1): unsearched}) == ""
+
+
 def test_the_centralized_ceiling_is_labelled_as_not_federated():
     rows = [compare.row(Cell("centralized", 0.01, 0), _metrics(0.9))]
     assert "| centralized (ceiling, not federated) |" in compare.markdown(compare.summarize(rows))

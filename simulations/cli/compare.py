@@ -4,7 +4,7 @@ Every cell is one `fedtiny run` (same config, partitions and codec; only the met
 and the seed change) in `<output_dir>/<method>-d<density>-s<seed>`. A cell whose metrics.json
 already has a summary with an accuracy is not rerun, so an interrupted grid resumes. Dense
 FedAvg is run once per seed (density 1). Outputs: comparison.csv (one row per run),
-comparison.md (mean +- std over seeds) and PNG plots.
+comparison.md (mean +- std over seeds, then each FedTiny run's policy search) and PNG plots.
 """
 
 from __future__ import annotations
@@ -200,6 +200,33 @@ def markdown(summary: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def search_table(results: dict[Cell, dict]) -> str:
+    """FedTiny's policy search in each run that made one: the candidate selected, its pooled held-out
+    loss after ABNS (rank among the candidates) and after each successive-halving stage, and what
+    ABNS alone would have picked (the lowest ABNS loss). Empty when no run searched."""
+    lines = []
+    for cell, metrics in results.items():
+        candidates = [c for c in metrics["summary"].get("candidates") or [] if _abns_loss(c) is not None]
+        chosen = next((c for c in candidates if c["name"] == metrics["summary"].get("selected")), None)
+        if chosen is None:  # no search (fedtiny.abns=false) or not FedTiny
+            continue
+        by_abns = sorted(candidates, key=_abns_loss)
+        abns = _abns_loss(chosen)
+        stages = " → ".join(f"{x:.3f}" for x in chosen.get("stages", [])) or "none"
+        lines.append(f"| {cell.name} | {chosen['name']} | {abns:.3f} ({by_abns.index(chosen) + 1} of "
+                     f"{len(candidates)}) | {stages} | {by_abns[0]['name']} |")
+    if not lines:
+        return ""
+    return "\n".join([
+        "| run | selected | its ABNS pooled loss (rank) | its loss after each halving stage | ABNS alone would pick |",
+        "|---|---|---:|---|---|", *lines]) + "\n"
+
+
+def _abns_loss(candidate: dict) -> float | None:
+    """A candidate's pooled loss right after ABNS (runs without halving record it as `loss` only)."""
+    return candidate.get("abns_loss", candidate.get("loss"))
+
+
 def _si(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
@@ -298,7 +325,9 @@ def write_outputs(results: dict[Cell, dict], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [row(c, m) for c, m in results.items()]
     write_csv(rows, out / rundir.COMPARISON_CSV)
-    (out / rundir.COMPARISON_MD).write_text(markdown(summarize(rows)))
+    searches = search_table(results)
+    (out / rundir.COMPARISON_MD).write_text(
+        markdown(summarize(rows)) + (f"\nFedTiny's policy search (held-out loss on the search clients):\n\n{searches}" if searches else ""))
     return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, out)]
 
 
