@@ -62,10 +62,11 @@ def restore(ctx: RunContext, method) -> tuple[GlobalModel, int]:
     try:
         state = json.loads((ctx.output_dir / STATE_FILE).read_text())
         t = check_state(state, ctx.config.fl.rounds)
-        tensors, masks = codec.load(ctx.output_dir / state["weights"])
+        model = ctx.new_model().state_dict()
+        tensors, masks = codec.load(ctx.output_dir / state["weights"], expected=codec.expect(model))  # sized before read
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BadCheckpoint(f"cannot resume from {ctx.output_dir / STATE_FILE}: {str(exc).splitlines()[0]}") from None
-    reason = check_model(tensors, masks, ctx.new_model().state_dict(), state["rounds"][-1]["density"])
+    reason = check_model(tensors, masks, model, state["rounds"][-1]["density"])
     if reason:
         raise BadCheckpoint(f"cannot resume from {ctx.output_dir / STATE_FILE}: {reason}")
     gm = GlobalModel(tensors)

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fake_grid import FakeGrid
 from helpers import ROOT, tiny_config
 from server.app import run
-from server.fleet import Reply
+from server.fleet import Fleet, Reply
 from server.global_model import GlobalModel
 from server.aggregate import clip_update
 from server.loop import check_update
@@ -78,8 +78,11 @@ def test_bad_updates_are_rejected_with_a_reason(gm, make, reason):
     assert reason in check_update(gm, reply(make(gm)))[1]
 
 
-def test_zero_examples_is_rejected(gm):
-    assert check_update(gm, reply(codec.encode(honest(gm), gm.masks, send_masks=False), n=0))[1] == "num-examples=0"
+def test_an_update_claiming_zero_examples_is_rejected_before_it_is_decoded(gm):
+    fleet = Fleet(grid=None, num_clients=1, min_replies=0.5, timeout=1.0)
+    zero = reply(codec.encode(honest(gm), gm.masks, send_masks=False), n=0)
+    assert fleet.accepted([zero], p.TRAIN, lambda r: check_update(gm, r)) == [] and zero.decoded is None
+    assert "num-examples=0 must be a positive integer" in fleet.traffic.rejected[0]
 
 
 def test_norm_bounding_clips_the_distance_to_the_global_model():

@@ -60,9 +60,20 @@ def test_a_checkpoint_whose_masks_were_removed_does_not_resume_dense(crashed):
         _resume(crashed)
 
 
+def test_a_checkpoint_weights_bomb_is_refused_before_it_is_inflated(crashed):
+    import torch
+
+    from shared import codec
+
+    bomb = codec.encode({"w": torch.zeros(2**24)})  # 64 MB of zeros in a few tens of kB
+    (crashed / "checkpoint-2.ftc").write_bytes(bomb)
+    with pytest.raises(BadCheckpoint, match="compressed payload claims 67108891 bytes, over the limit"):
+        _resume(crashed)
+
+
 def test_a_checkpoint_of_another_model_is_refused(crashed):
-    with pytest.raises(BadCheckpoint, match="the model's is"):
-        _resume(crashed, "model.width=1.0")  # the checkpoint holds the width-0.5 model
+    with pytest.raises(BadCheckpoint, match=r"claims shape \(16, 1, 3, 3\), expected \(32, 1, 3, 3\)"):
+        _resume(crashed, "model.width=1.0")  # the checkpoint holds the width-0.5 model, refused from its header
 
 
 @pytest.mark.parametrize("override", ["method=fedavg", "pruning.density=0.5", "seed=3", "fl.rounds=9", "fl.lr=0.2",
