@@ -158,6 +158,13 @@ def test_model_spec_of_another_version_is_one_clear_error(tmp_path: Path) -> Non
         export.load_run(tmp_path)
 
 
+def test_a_runs_model_file_is_read_against_its_spec_so_a_bomb_is_refused_from_the_header(tmp_path: Path) -> None:
+    export.write_spec(tmp_path, run_config(), load_dataset("digits", "", 0, 0.2))
+    (tmp_path / rundir.MODEL).write_bytes(codec.encode({"w": torch.zeros(2**24)}))  # 64 MB of zeros, a few kB
+    with pytest.raises(codec.DecodeError, match="over the limit"):
+        export.load_run(tmp_path)
+
+
 @pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
 @pytest.mark.parametrize("fmt", [pytest.param(f, marks=needs_cc) if f == "c" else f for f in export.FORMATS])
 def test_exported_model_gives_the_runs_logits_on_the_test_set(

@@ -164,7 +164,8 @@ def load_run(output_dir: str | os.PathLike) -> tuple[nn.Module, Tensors, ModelSp
         if not (out / name).is_file():
             raise FileNotFoundError(f"{out / name} not found: pass the output directory of a finished run")
     spec = _model_spec(read_spec(out), out / rundir.MODEL_SPEC) if has_spec else _spec_from_dataset(out)
-    tensors, masks = codec.load(out / rundir.MODEL)
+    layout = codec.expect(spec.build().state_dict())  # a run's model is not compacted: sized before it is read
+    tensors, masks = codec.load(out / rundir.MODEL, expected=layout)
     return rebuild(spec, tensors, masks), masks, spec
 
 
