@@ -4,6 +4,7 @@
    4 virtual clients sharing the GPU (`simulation.gpus_per_client=0.25`, 4 CPUs), then the same
    config with `device=cpu`; the two final accuracies must agree within `--tolerance` (GPU
    kernels round differently, so equality is not expected; one digits test image is 0.28 points).
+   Then the centralized ceiling (`method=centralized`) of the same config on each device, likewise.
 2. The regime config (`configs/fashion-mnist-regime.yaml`) for `--rounds` rounds only, on the GPU
    and on the CPU with the same clients at once (`--clients-at-once`, default 10 = one round's
    clients), policy search off (`fedtiny.search_rounds=0`: its rounds are the same rounds);
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds_cuda": gpu["wall_seconds"], "wall_seconds_cpu": cpu["wall_seconds"],
     }
     print(json.dumps({"default_job": result["default_job"]}), file=sys.stderr, flush=True)
+    ceiling = {d: run(None, [*shared, "method=centralized", f"device={d}"], out / f"ceiling-{d}") for d in ("cuda", "cpu")}
+    c_gpu, c_cpu = (ceiling[d]["summary"]["accuracy"] for d in ("cuda", "cpu"))
+    result["ceiling"] = {
+        "accuracy_cuda": c_gpu, "accuracy_cpu": c_cpu, "difference": c_gpu - c_cpu, "agree": abs(c_gpu - c_cpu) <= args.tolerance,
+        "density_cuda": ceiling["cuda"]["summary"]["density"], "density_cpu": ceiling["cpu"]["summary"]["density"],
+        "wall_seconds_cuda": ceiling["cuda"]["wall_seconds"], "wall_seconds_cpu": ceiling["cpu"]["wall_seconds"],
+    }
 
     folder = Path(args.fashion_mnist or "/usr/share/datasets/fashion-mnist")
     if args.skip_regime:
@@ -109,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             "accuracy_cuda": g["summary"]["accuracy"], "accuracy_cpu": c["summary"]["accuracy"],
         }
     print(json.dumps(result))
-    return 0 if result["default_job"]["agree"] else 1
+    return 0 if result["default_job"]["agree"] and result["ceiling"]["agree"] else 1
 
 
 if __name__ == "__main__":

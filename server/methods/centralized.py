@@ -9,8 +9,9 @@ of every client's training split (holdouts excluded), for as many example passes
 federated run makes (rounds x clients_per_round x local_epochs x the mean client size). Every
 `centralized.prune_every` steps between `prune_start` and `prune_end` (fractions of the steps)
 the global magnitude mask shrinks along d_t = d_f + (1 - d_f)(1 - progress)^3 (masks only
-shrink), then training continues at exactly `pruning.density`. Round 0 records the result; no
-federated rounds run, so its bytes are the final federated evaluation's only.
+shrink), then training continues at exactly `pruning.density`. It trains on `device`, the union
+moved there once. Round 0 records the result; no federated rounds run, so its bytes are the final
+federated evaluation's only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from server.context import RunContext
 from server.global_model import GlobalModel
 from server.methods.base import Method, register
-from shared.data import batches
+from shared.data import to_tensor
+from shared.device import DeviceBatches, on_device, to_cpu
 from shared.partition import client_data
 from shared.pruning import apply_masks, full_masks, shrink_by_magnitude
 from shared.pruning.schedule import gradual_density
@@ -66,9 +68,11 @@ class Centralized(Method):
     federated = False
 
     def prepare(self, ctx: RunContext) -> GlobalModel:
-        model = self.initial_model(ctx)
+        model = self.initial_model(ctx).to(ctx.device)
         x, y = union_of_clients(ctx)
         masks = self.train_and_prune(ctx, model, x, y)
+        model.to("cpu")
+        masks = to_cpu(masks) if masks else None
         ctx.recorder.note(f"centralized: trained on the union of {len(y)} client examples, density {ctx.config.pruning.density}")
         return GlobalModel(model.state_dict(), masks)
 
@@ -82,10 +86,11 @@ class Centralized(Method):
         masks = full_masks(model, ctx.prunable(model) + dense) if prune else None
         opt = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
         schedule = LR_SCHEDULES.get(f.lr_schedule)
+        xs, ys = on_device(to_tensor(ctx.bundle, x), y, ctx.device)  # moved once; `batches`' order and values
         model.train()
         step = 0
         for epoch in range(math.ceil(total / steps_per_epoch)):
-            for xb, yb in batches(ctx.bundle, x, y, f.batch_size, True, c.seed * 7919 + epoch):
+            for xb, yb in DeviceBatches(xs, ys, f.batch_size, True, c.seed * 7919 + epoch):
                 if step >= total:
                     break
                 if prune and (step == end or (start <= step < end and (step - start) % s.prune_every == 0)):
