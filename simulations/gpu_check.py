@@ -53,6 +53,17 @@ def run(config_file: Path | None, overrides: list[str], out: Path) -> dict:
     return metrics
 
 
+def agreement(gpu: dict, cpu: dict, tolerance: float, *keys: str) -> dict:
+    """The GPU and CPU runs' final accuracies, whether they agree within `tolerance`, their wall
+    seconds and the summary entries `keys` of each."""
+    a_gpu, a_cpu = gpu["summary"]["accuracy"], cpu["summary"]["accuracy"]
+    out = {"accuracy_cuda": a_gpu, "accuracy_cpu": a_cpu, "difference": a_gpu - a_cpu, "tolerance": tolerance,
+           "agree": abs(a_gpu - a_cpu) <= tolerance}
+    for key in keys:
+        out[f"{key}_cuda"], out[f"{key}_cpu"] = gpu["summary"][key], cpu["summary"][key]
+    return {**out, "wall_seconds_cuda": gpu["wall_seconds"], "wall_seconds_cpu": cpu["wall_seconds"]}
+
+
 def seconds_per_round(metrics: dict) -> float:
     """Median seconds of the federated rounds after the first (round 1 also starts the Ray workers)."""
     rounds = [r["seconds"] for r in metrics["rounds"] if r["round"] >= 2]
@@ -80,23 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     shared = ["seed=0", "simulation.num_cpus=4"]
     gpu = run(None, [*shared, "device=cuda", "simulation.gpus_per_client=0.25"], out / "default-cuda")
     cpu = run(None, [*shared, "device=cpu"], out / "default-cpu")
-    a_gpu, a_cpu = gpu["summary"]["accuracy"], cpu["summary"]["accuracy"]
     result["default_job"] = {
-        "clients_at_once": 4,
-        "accuracy_cuda": a_gpu, "accuracy_cpu": a_cpu, "difference": a_gpu - a_cpu, "tolerance": args.tolerance,
-        "agree": abs(a_gpu - a_cpu) <= args.tolerance,
-        "bytes_ratio_cuda": gpu["summary"]["bytes_ratio"], "bytes_ratio_cpu": cpu["summary"]["bytes_ratio"],
+        "clients_at_once": 4, **agreement(gpu, cpu, args.tolerance, "bytes_ratio"),
         "seconds_per_round_cuda": seconds_per_round(gpu), "seconds_per_round_cpu": seconds_per_round(cpu),
-        "wall_seconds_cuda": gpu["wall_seconds"], "wall_seconds_cpu": cpu["wall_seconds"],
     }
     print(json.dumps({"default_job": result["default_job"]}), file=sys.stderr, flush=True)
     ceiling = {d: run(None, [*shared, "method=centralized", f"device={d}"], out / f"ceiling-{d}") for d in ("cuda", "cpu")}
-    c_gpu, c_cpu = (ceiling[d]["summary"]["accuracy"] for d in ("cuda", "cpu"))
-    result["ceiling"] = {
-        "accuracy_cuda": c_gpu, "accuracy_cpu": c_cpu, "difference": c_gpu - c_cpu, "agree": abs(c_gpu - c_cpu) <= args.tolerance,
-        "density_cuda": ceiling["cuda"]["summary"]["density"], "density_cpu": ceiling["cpu"]["summary"]["density"],
-        "wall_seconds_cuda": ceiling["cuda"]["wall_seconds"], "wall_seconds_cpu": ceiling["cpu"]["wall_seconds"],
-    }
+    result["ceiling"] = agreement(ceiling["cuda"], ceiling["cpu"], args.tolerance, "density")
 
     folder = Path(args.fashion_mnist or "/usr/share/datasets/fashion-mnist")
     if args.skip_regime:
