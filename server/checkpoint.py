@@ -62,11 +62,11 @@ def restore(ctx: RunContext, method) -> tuple[GlobalModel, int]:
     try:
         state = json.loads((ctx.output_dir / STATE_FILE).read_text())
         t = check_state(state, ctx.config.fl.rounds)
-        model = ctx.new_model().state_dict()
-        tensors, masks = codec.load(ctx.output_dir / state["weights"], expected=codec.expect(model))  # sized before read
+        reference = ctx.new_model().state_dict()
+        tensors, masks = codec.load(ctx.output_dir / state["weights"], expected=codec.expect(reference))  # sized before read
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BadCheckpoint(f"cannot resume from {ctx.output_dir / STATE_FILE}: {str(exc).splitlines()[0]}") from None
-    reason = check_model(tensors, masks, model, state["rounds"][-1]["density"])
+    reason = check_model(tensors, masks, reference, state["rounds"][-1]["density"])
     if reason:
         raise BadCheckpoint(f"cannot resume from {ctx.output_dir / STATE_FILE}: {reason}")
     gm = GlobalModel(tensors)

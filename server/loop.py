@@ -17,10 +17,9 @@ from server import checkpoint
 from server.context import RunContext
 from server.aggregate import clip_update, screen_updates
 from server.fleet import Reply, config_record
-from server.replies import error_line
 from server.global_model import GlobalModel
 from server.recorder import RoundRecord
-from server.replies import check_evaluate
+from server.replies import check_evaluate, error_line
 from shared import codec, protocol as p
 from shared.batchnorm import RUNNING_VAR
 from shared.pruning import layer_densities
