@@ -120,7 +120,8 @@ def summarize(ctx: RunContext, gm, method, federated: dict) -> dict:
         "parameters": count_parameters(model, masks),
         "flops": flops(model, ctx.bundle.input_shape, masks),
         "model_size": model_size(model, masks),
-        "candidates": method.summary.get("candidates", []),
-        "selected": method.summary.get("selected"),
+        "candidates": [],
+        "selected": None,
+        **method.summary,  # the method's own record: FedTiny's search, its final BN recalibration
         **federated,
     }

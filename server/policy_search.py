@@ -76,23 +76,30 @@ def build_candidates(ctx: RunContext, model: torch.nn.Module) -> list[Candidate]
     return out
 
 
-def candidate_payload(state: Tensors, candidates: list[Candidate]) -> ConfigRecord:
+def candidate_payload(state: Tensors, masks: list[Tensors]) -> ConfigRecord:
     """Every candidate for a client: the shared values once, then each mask (`codec.encode_variants`)."""
-    base, selections = codec.encode_variants(state, [c.masks for c in candidates])
+    base, selections = codec.encode_variants(state, masks)
     return ConfigRecord({p.CANDIDATE_BASE: base, p.CANDIDATE_MASKS: selections})
+
+
+def pooled_bn(ctx: RunContext, model: torch.nn.Module, masks: list[Tensors], clients: int) -> tuple[list[BNStats], dict[int, int]]:
+    """ABNS steps 2-3: `clients` sampled clients recalibrate the BN statistics of `model` under each
+    mask on their held-out splits; the server checks, clips and pools them exactly. Returns the
+    pooled statistics per mask and the held-out size of every client whose statistics were used
+    (too few replies raise `NotEnoughReplies`, as in any round)."""
+    payload = candidate_payload(model.state_dict(), masks)
+    build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
+    layout = bn_stats_layout(model)  # a BN blob decodes to this layout only (bounded before allocating)
+    _, got = ctx.fleet.round(clients, p.BN, build, ctx.rng, lambda r: replies.check_bn(r, len(masks), layout))
+    pooled = [pool_stats(clip_bn_stats([r.decoded[i] for r in got])) for i in range(len(masks))]
+    return pooled, {r.node_id: r.num_examples for r in got}
 
 
 def select(ctx: RunContext, model: torch.nn.Module, candidates: list[Candidate]) -> list[BNStats]:
     """ABNS: recalibrate BN per candidate on clients, pool exactly, evaluate; sets every candidate's
     `loss` (sample-weighted held-out loss) and returns the pooled statistics of each."""
-    payload = candidate_payload(model.state_dict(), candidates)
-    build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
-    layout = bn_stats_layout(model)  # a BN blob decodes to this layout only (bounded before allocating)
-    _, got = ctx.fleet.round(ctx.config.fedtiny.search_clients, p.BN, build, ctx.rng,
-                             lambda r: replies.check_bn(r, len(candidates), layout))
-    pooled = [pool_stats(clip_bn_stats([r.decoded[i] for r in got])) for i in range(len(candidates))]
+    pooled, examples = pooled_bn(ctx, model, [c.masks for c in candidates], ctx.config.fedtiny.search_clients)
     bn_blobs = [codec.encode(bn_stats_to_tensors(s)) for s in pooled]
-    examples = {r.node_id: r.num_examples for r in got}
     evals = ctx.fleet.accepted(
         ctx.fleet.exchange({n: RecordDict({p.PAYLOAD: ConfigRecord({p.BN_STATS: bn_blobs})}) for n in examples}, p.CANDIDATES),
         p.CANDIDATES, lambda r: replies.check_loss_sums(r, len(candidates), examples[r.node_id]),

@@ -10,7 +10,7 @@ from fake_grid import FakeGrid
 from helpers import run_context, tiny_config
 from server.global_model import GlobalModel
 from server.loop import check_update, train_message
-from server.policy_search import Candidate, candidate_payload
+from server.policy_search import candidate_payload
 from shared import codec, protocol as p
 from shared.batchnorm import bn_stats_from_tensors, pool_stats, bn_stats_to_tensors
 from shared.pruning import compute_masks
@@ -100,8 +100,8 @@ def test_bn_recalibration_and_candidate_evaluation(setup):
     ctx, _, gm = setup
     node = next(iter(ctx.fleet.partition_of))
     model = ctx.new_model()
-    cands = [Candidate(a, compute_masks(model, 0.1, allocation=a)) for a in ("global", "uniform")]
-    reply = _send(ctx, node, p.BN, RecordDict({p.PAYLOAD: candidate_payload(model.state_dict(), cands)}))
+    masks = [compute_masks(model, 0.1, allocation=a) for a in ("global", "uniform")]
+    reply = _send(ctx, node, p.BN, RecordDict({p.PAYLOAD: candidate_payload(model.state_dict(), masks)}))
     stats = [bn_stats_from_tensors(codec.decode(b)[0]) for b in reply.content[p.PAYLOAD][p.BN_STATS]]
     assert len(stats) == 2 and set(stats[0]) == {"features.1", "features.4", "features.8", "classifier.1"}
     bn = [codec.encode(bn_stats_to_tensors(pool_stats([s]))) for s in stats]

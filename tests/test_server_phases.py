@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -17,6 +18,9 @@ from server.global_model import GlobalModel
 from server.loop import training_round
 from server.methods import METHODS, Method
 from shared import codec, protocol as p
+from shared.batchnorm import pool_stats, recalibrate
+from shared.data import batches
+from shared.partition import client_data
 from shared.pruning import density
 
 
@@ -190,3 +194,35 @@ def test_client_scores_reject_a_reply_with_non_finite_or_misshapen_scores():
     assert "finite" in replies.check_scores(reply({"w": torch.full((2, 2), float("inf"))}), shapes)[1]
     assert "expected (2, 2)" in replies.check_scores(reply({"w": torch.ones(4)}), shapes)[1]
     assert replies.check_scores(reply({"v": torch.ones(2, 2)}), shapes)[1] is not None
+
+
+def test_final_bn_installs_the_exact_pool_of_the_final_models_statistics(tmp_path):
+    """After the last round, sampled clients recalibrate the final model's BN statistics on their
+    held-out splits and the server installs the pool (within- plus between-client variance)."""
+    config = tiny_config(tmp_path, "fedtiny.final_bn_clients=4", "fedtiny.scores=[magnitude]", "fl.rounds=1")
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    method = METHODS.get("fedtiny")(ctx)
+    gm = method.prepare(ctx)
+    method.after_round(ctx, gm, 1, training_round(ctx, method, gm, 1, method.round_config(ctx, gm, 1)))
+    model = ctx.new_model()
+    model.load_state_dict(gm.state)
+    d = config.dataset
+    holdouts = [client_data(ctx.bundle, config.fl.num_clients, i, d.partition, d.alpha, d.holdout, config.seed)
+                for i in range(config.fl.num_clients)]
+    expected = pool_stats([recalibrate(copy.deepcopy(model), batches(ctx.bundle, c.x_holdout, c.y_holdout, 32, False, 0))
+                           for c in holdouts])
+    for name, (mean, var, count) in expected.items():
+        assert torch.allclose(gm.state[f"{name}.running_mean"], mean.float(), atol=1e-5)
+        assert torch.allclose(gm.state[f"{name}.running_var"], (var * count / (count - 1)).float(), atol=1e-5)
+    assert method.summary["final_bn"]["clients"] == 4 and 0 <= method.summary["final_bn"]["accuracy_before"] <= 1
+
+
+def test_without_final_bn_the_averaged_statistics_stay(tmp_path):
+    config = tiny_config(tmp_path, "fedtiny.scores=[magnitude]", "fl.rounds=1")
+    grid = FakeGrid(config)
+    ctx = run_context(config, grid, tmp_path)
+    method = METHODS.get("fedtiny")(ctx)
+    gm = method.prepare(ctx)
+    sent = len(grid.sent)
+    method.after_round(ctx, gm, 1, training_round(ctx, method, gm, 1, method.round_config(ctx, gm, 1)))
+    assert all(m.metadata.message_type == p.TRAIN for m in grid.sent[sent:]) and "final_bn" not in method.summary

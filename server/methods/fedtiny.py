@@ -25,6 +25,7 @@ from server.fleet import Reply
 from server.global_model import GlobalModel
 from server.methods.base import ClientHalf, Method, TrainJob, register
 from shared import codec, protocol as p
+from shared.batchnorm import load_stats, running_stat_names
 from shared.config import resolve
 from shared.pruning import ALLOCATIONS, SCORES
 from shared.pruning.prune_grow import RIGL, clip_to_median_peak, merge_sparse
@@ -34,7 +35,7 @@ from shared.training import TrainResult
 
 @dataclass
 class FedTinySettings:
-    FLEET_BOUND = ("search_clients",)  # at most fl.num_clients unless set (shared.config)
+    FLEET_BOUND = ("search_clients", "final_bn_clients")  # at most fl.num_clients unless set (shared.config)
     abns: bool = True  # adaptive batch-norm selection among candidates (False: first candidate)
     progressive: bool = True  # progressive layer-wise prune/grow after selection
     allocations: list[str] = field(default_factory=lambda: ["uniform-noise", "global", "erk", "lamp"])
@@ -47,6 +48,10 @@ class FedTinySettings:
     # Successive halving after ABNS: rounds of masked FedAvg per surviving candidate and stage
     # (0: ABNS alone picks). The winner restarts from the starting weights.
     search_rounds: int = 0
+    # Adaptive BN once more after the last round: this many sampled clients recalibrate the final
+    # model's BN statistics on their held-out splits and the server installs the exact pool
+    # (0: keep the FedAvg average of the clients' running statistics).
+    final_bn_clients: int = 0
 
     def validate(self, c, check) -> None:
         check(len(self.allocations) > 0, "fedtiny.allocations", "must name at least one allocation")
@@ -57,6 +62,7 @@ class FedTinySettings:
         check(0.0 <= self.alpha <= 1.0, "fedtiny.alpha", "must be in [0, 1]")
         check(0.0 <= self.end_fraction <= 1.0, "fedtiny.end_fraction", "must be in [0, 1]")
         check(self.search_rounds >= 0, "fedtiny.search_rounds", "must be >= 0 (0: ABNS alone)")
+        check(0 <= self.final_bn_clients <= c.fl.num_clients, "fedtiny.final_bn_clients", "must be in [0, fl.num_clients]")
         for name in self.allocations:
             resolve(ALLOCATIONS, name, "fedtiny.allocations", c)
         for name in self.scores:
@@ -116,8 +122,13 @@ class FedTiny(Method):
         return {p.ADJUST_NAMES: list(self.pending), p.ADJUST_K: list(self.pending.values())}
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
-        if not self.pending:
-            return
+        if self.pending:
+            self.adjust(ctx, gm, replies)
+        if t == ctx.config.fl.rounds and self.settings.final_bn_clients and gm.masks:
+            self.final_bn(ctx, gm)
+
+    def adjust(self, ctx: RunContext, gm: GlobalModel, replies: list[Reply]) -> None:
+        """Merge the clients' top-k gradients of the adjusted block; prune and grow k_l weights per layer."""
         parts: dict[str, list] = {n: [] for n in self.pending}
         senders = 0
         for r in replies:
@@ -136,6 +147,23 @@ class FedTiny(Method):
         gm.state.update(new_weights)
         gm.set_masks({**gm.masks, **masks})
         self.adjustments += 1
+
+    def final_bn(self, ctx: RunContext, gm: GlobalModel) -> None:
+        """Install the exact pooled BN statistics of the final model (ABNS steps 2-3 on one candidate).
+
+        Each client's running statistics are an average over an epoch in which its weights moved,
+        and their FedAvg mean lacks the between-client variance of non-IID data; at extreme density
+        the network leans on BN, so stale statistics cost accuracy. The central accuracy before the
+        recalibration is kept in the summary (`final_bn.accuracy_before`) as the ablation.
+        """
+        before = ctx.evaluate_central(gm.state)
+        model = ctx.new_model()
+        model.load_state_dict(gm.state)
+        pooled, examples = policy_search.pooled_bn(ctx, model, [gm.masks], self.settings.final_bn_clients)
+        load_stats(model, pooled[0])
+        running = set(running_stat_names(gm.state))
+        gm.state.update({n: v for n, v in model.state_dict().items() if n in running})
+        self.summary["final_bn"] = {"clients": len(examples), "accuracy_before": before.accuracy, "loss_before": before.loss}
 
     def phase(self, t: int) -> str:
         return "adjust" if self.pending else "train"
