@@ -8,6 +8,8 @@ one block of layers (output side first, cycling inwards) is adjusted: clients se
 only the top-k_l gradients of that block's pruned positions, k_l = ceil(alpha_t x nnz_l)
 with alpha_t cosine-decayed over rounds; the server merges them, drops the k_l
 smallest active weights and grows the k_l largest merged gradients (new weights 0).
+With `fedtiny.final_bn_clients` > 0 the final model's BN statistics are recalibrated once more
+on clients and pooled exactly (ABNS's recalibration on one candidate).
 Client config keys: ``adjust-names`` (list of layer names), ``adjust-k`` (list of k_l); the
 client half returns the top-k gradients under payload ``topk``.
 """
@@ -152,9 +154,10 @@ class FedTiny(Method):
         """Install the exact pooled BN statistics of the final model (ABNS steps 2-3 on one candidate).
 
         Each client's running statistics are an average over an epoch in which its weights moved,
-        and their FedAvg mean lacks the between-client variance of non-IID data; at extreme density
-        the network leans on BN, so stale statistics cost accuracy. The central accuracy before the
-        recalibration is kept in the summary (`final_bn.accuracy_before`) as the ablation.
+        and their FedAvg mean lacks the between-client variance of non-IID data. Measured (README,
+        FedTiny's regime): +0.9 to +1.1 points on held-out data at density 0.003, but only -0.06 to
+        +0.07 on the grid's test runs. The central accuracy before the recalibration is kept in the
+        summary (`final_bn.accuracy_before`) as the ablation.
         """
         before = ctx.evaluate_central(gm.state)
         model = ctx.new_model()
