@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from shared.data import DataBundle
 from shared.registry import Registry
+
+if TYPE_CHECKING:
+    from shared.config import Config
 
 MIN_SAMPLES = 2  # partition_owners' default floor: every client gets this many when N >= MIN_SAMPLES * num_clients
 MIN_TRAIN = 2  # train-mode batch norm cannot normalize a batch of one
@@ -187,6 +190,14 @@ def client_data(
     return ClientData(
         bundle.x_train[train_idx], bundle.y_train[train_idx], bundle.x_train[holdout_idx], bundle.y_train[holdout_idx]
     )
+
+
+def every_client_data(bundle: DataBundle, config: Config) -> list[ClientData]:
+    """`client_data` of every client under a run config's partition, in partition order (the
+    centralized ceiling trains on their union; held-out scoring reads their held-out slices)."""
+    d = config.dataset
+    return [client_data(bundle, config.fl.num_clients, i, d.partition, d.alpha, d.holdout, config.seed)
+            for i in range(config.fl.num_clients)]
 
 
 def client_sizes(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, holdout: float, seed: int) -> np.ndarray:

@@ -26,15 +26,14 @@ from shared import rundir
 from shared.config import ConfigError, load_config
 from shared.data import batches, load_for
 from shared.export.spec import load_run
-from shared.partition import client_data
+from shared.partition import every_client_data
 from shared.training import evaluate
 
 
 def heldout_union(config) -> tuple[object, np.ndarray, np.ndarray]:
     """(bundle, images, labels) of every client's held-out split under `config`'s partition."""
-    bundle, d = load_for(config), config.dataset
-    parts = [client_data(bundle, config.fl.num_clients, i, d.partition, d.alpha, d.holdout, config.seed)
-             for i in range(config.fl.num_clients)]
+    bundle = load_for(config)
+    parts = every_client_data(bundle, config)
     return bundle, np.concatenate([c.x_holdout for c in parts]), np.concatenate([c.y_holdout for c in parts])
 
 

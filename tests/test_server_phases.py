@@ -20,7 +20,7 @@ from server.methods import METHODS, Method
 from shared import codec, protocol as p
 from shared.batchnorm import pool_stats, recalibrate
 from shared.data import batches
-from shared.partition import client_data
+from shared.partition import every_client_data
 from shared.pruning import density
 
 
@@ -206,9 +206,7 @@ def test_final_bn_installs_the_exact_pool_of_the_final_models_statistics(tmp_pat
     method.after_round(ctx, gm, 1, training_round(ctx, method, gm, 1, method.round_config(ctx, gm, 1)))
     model = ctx.new_model()
     model.load_state_dict(gm.state)
-    d = config.dataset
-    holdouts = [client_data(ctx.bundle, config.fl.num_clients, i, d.partition, d.alpha, d.holdout, config.seed)
-                for i in range(config.fl.num_clients)]
+    holdouts = every_client_data(ctx.bundle, config)
     expected = pool_stats([recalibrate(copy.deepcopy(model), batches(ctx.bundle, c.x_holdout, c.y_holdout, 32, False, 0))
                            for c in holdouts])
     for name, (mean, var, count) in expected.items():

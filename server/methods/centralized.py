@@ -28,7 +28,7 @@ from server.global_model import GlobalModel
 from server.methods.base import Method, register
 from shared.data import to_tensor
 from shared.device import DeviceBatches, on_device, to_cpu
-from shared.partition import client_data
+from shared.partition import every_client_data
 from shared.pruning import apply_masks, full_masks, shrink_by_magnitude
 from shared.pruning.schedule import gradual_density
 from shared.training import LR_SCHEDULES
@@ -48,11 +48,7 @@ class CentralizedSettings:
 
 def union_of_clients(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
     """Every client's training split (holdouts excluded), concatenated in partition order."""
-    c = ctx.config
-    parts = [
-        client_data(ctx.bundle, c.fl.num_clients, i, c.dataset.partition, c.dataset.alpha, c.dataset.holdout, c.seed)
-        for i in range(c.fl.num_clients)
-    ]
+    parts = every_client_data(ctx.bundle, ctx.config)
     return np.concatenate([p.x_train for p in parts]), np.concatenate([p.y_train for p in parts])
 
 
