@@ -16,7 +16,6 @@ Prints one JSON object per run: accuracies (%) as the run ended and per draw.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,11 +23,12 @@ import numpy as np
 
 from shared import rundir
 from shared.batchnorm import load_stats, pool_stats, recalibrate
-from shared.config import ConfigError, load_config
+from shared.config import load_config
 from shared.data import batches, load_for
 from shared.export.spec import load_run
 from shared.partition import every_client_data
 from shared.training import evaluate
+from simulations.heldout import print_each
 
 
 def _accuracy(model, bundle, x, y) -> float:
@@ -76,13 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.draws < 1:
         print("bn_recalibration: --clients and --draws must be >= 1", file=sys.stderr)
         return 2
-    for run in args.runs:
-        try:
-            print(json.dumps(replay(run, args.clients, args.draws)), flush=True)
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
-            print(f"bn_recalibration: {run}: {exc}", file=sys.stderr)
-            return 2
-    return 0
+    return print_each("bn_recalibration", args.runs, lambda run: replay(run, args.clients, args.draws))
 
 
 if __name__ == "__main__":

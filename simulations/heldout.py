@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -47,17 +48,22 @@ def score(run_dir: Path) -> dict:
             "heldout_loss": result.loss, "examples": int(len(y))}
 
 
+def print_each(prog: str, runs: list[Path], measure: Callable[[Path], dict]) -> int:
+    """Print `measure(run)` as one JSON line per run; the first unreadable run gets one line on
+    stderr naming it and the exit code 2."""
+    for run in runs:
+        try:
+            print(json.dumps(measure(run)), flush=True)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            print(f"{prog}: {run}: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="output directories of finished runs")
-    args = parser.parse_args(argv)
-    for run in args.runs:
-        try:
-            print(json.dumps(score(run)))
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
-            print(f"heldout: {run}: {exc}", file=sys.stderr)
-            return 2
-    return 0
+    return print_each("heldout", parser.parse_args(argv).runs, score)
 
 
 if __name__ == "__main__":
