@@ -28,22 +28,18 @@ from shared.data import batches, load_for
 from shared.export.spec import load_run
 from shared.partition import every_client_data
 from shared.training import evaluate
-from simulations.heldout import print_each
+from simulations.heldout import heldout_of, print_each
 
 
 def _accuracy(model, bundle, x, y) -> float:
     return round(100 * evaluate(model, batches(bundle, x, y, 512, False, 0)).accuracy, 2)
 
 
-def _scores(model, bundle, parts, unsampled: list[int]) -> dict:
-    """Test accuracy (%), held-out accuracy of every client and of the `unsampled` clients only."""
-    def holdout(ids):
-        return np.concatenate([parts[i].x_holdout for i in ids]), np.concatenate([parts[i].y_holdout for i in ids])
-
-    scores = {"test": _accuracy(model, bundle, bundle.x_test, bundle.y_test),
-              "heldout": _accuracy(model, bundle, *holdout(range(len(parts))))}
-    if unsampled:  # none when every client was sampled
-        scores["heldout_unsampled"] = _accuracy(model, bundle, *holdout(unsampled))
+def _scores(model, bundle, heldout: tuple, unsampled: tuple | None) -> dict:
+    """Test accuracy (%), held-out accuracy of every client, and of the unsampled clients when given."""
+    scores = {"test": _accuracy(model, bundle, bundle.x_test, bundle.y_test), "heldout": _accuracy(model, bundle, *heldout)}
+    if unsampled is not None:
+        scores["heldout_unsampled"] = _accuracy(model, bundle, *unsampled)
     return scores
 
 
@@ -54,7 +50,8 @@ def replay(run_dir: Path, clients: int, draws: int, seed: int = 0) -> dict:
     ended = {k: v.clone() for k, v in model.state_dict().items()}
     bundle = load_for(config)
     parts = every_client_data(bundle, config)
-    out = {"run": run_dir.name, "as_ended": _scores(model, bundle, parts, list(range(len(parts)))), "draws": []}
+    everyone = heldout_of(parts, range(len(parts)))
+    out = {"run": run_dir.name, "as_ended": _scores(model, bundle, everyone, None), "draws": []}
     rng = np.random.default_rng(seed)
     for _ in range(draws):
         sampled = set(rng.choice(len(parts), min(clients, len(parts)), replace=False).tolist())
@@ -63,7 +60,8 @@ def replay(run_dir: Path, clients: int, draws: int, seed: int = 0) -> dict:
             model.load_state_dict(ended)
             stats.append(recalibrate(model, batches(bundle, parts[i].x_holdout, parts[i].y_holdout, 64, False, 0)))
         load_stats(model, pool_stats(stats))
-        out["draws"].append(_scores(model, bundle, parts, [i for i in range(len(parts)) if i not in sampled]))
+        rest = [i for i in range(len(parts)) if i not in sampled]
+        out["draws"].append(_scores(model, bundle, everyone, heldout_of(parts, rest) if rest else None))
     return out
 
 

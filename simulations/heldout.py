@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -27,15 +27,21 @@ from shared import rundir
 from shared.config import ConfigError, load_config
 from shared.data import batches, load_for
 from shared.export.spec import load_run
-from shared.partition import every_client_data
+from shared.partition import ClientData, every_client_data
 from shared.training import evaluate
+
+
+def heldout_of(parts: list[ClientData], ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of the held-out splits of clients `ids`, concatenated in that order."""
+    chosen = [parts[i] for i in ids]
+    return np.concatenate([c.x_holdout for c in chosen]), np.concatenate([c.y_holdout for c in chosen])
 
 
 def heldout_union(config) -> tuple[object, np.ndarray, np.ndarray]:
     """(bundle, images, labels) of every client's held-out split under `config`'s partition."""
     bundle = load_for(config)
     parts = every_client_data(bundle, config)
-    return bundle, np.concatenate([c.x_holdout for c in parts]), np.concatenate([c.y_holdout for c in parts])
+    return bundle, *heldout_of(parts, range(len(parts)))
 
 
 def score(run_dir: Path) -> dict:
