@@ -12,7 +12,7 @@ mkdir -p $OUT $RES/runs
 for cell in $CELLS; do
   IFS=: read -r m d s <<< "$cell"
   .venv/bin/fedtiny compare --config $CONFIG --methods "$m" --densities "$d" --seeds "$s" output_dir=$OUT >> /tmp/grid.log 2>&1
-  .venv/bin/fedtiny compare --report-only --config $CONFIG --methods $ALL --densities 0.01,0.003 --seeds 0,1,2 \
+  .venv/bin/fedtiny compare --report-only --config $CONFIG --methods $ALL --densities 0.01,0.003 --seeds 0,1,2,3,4 \
     output_dir=$OUT >> /tmp/grid.log 2>&1
   cp $OUT/comparison.csv $OUT/comparison.md $OUT/*.png $RES/ 2>/dev/null
   for r in $OUT/*/metrics.json; do cp "$r" "$RES/runs/$(basename "$(dirname "$r")").json"; done
