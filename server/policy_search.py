@@ -130,8 +130,10 @@ def held_out_loss(ctx: RunContext, gm: GlobalModel, nodes: list[int]) -> float:
 
 def halving(ctx: RunContext, method, model: torch.nn.Module, candidates: list[Candidate]) -> Candidate:
     """Successive halving over federated rounds (Jamieson & Talwalkar, arXiv 1502.07943): every
-    surviving candidate trains `fedtiny.search_rounds` more rounds of masked FedAvg, then the half
-    with the lowest held-out loss goes on, until one is left.
+    surviving candidate trains more rounds of masked FedAvg (`fedtiny.search_rounds` in the first
+    stage, `fedtiny.search_growth` times the previous stage's after), then the half with the lowest
+    held-out loss goes on, until one is left. With growth 2 every stage costs the same and the
+    finalists are compared over the longest horizon, as in the paper's algorithm.
 
     At extreme density every candidate sits at chance loss right after coarse pruning, so ABNS
     alone selects by noise; a few rounds of training separate them. Within a stage every candidate
@@ -143,20 +145,19 @@ def halving(ctx: RunContext, method, model: torch.nn.Module, candidates: list[Ca
     c, rng, dense = ctx.config, ctx.rng, (ctx.dense_bytes_up, ctx.dense_bytes_down)
     models = {cand.name: GlobalModel(model.state_dict(), cand.masks) for cand in candidates}
     eval_nodes = ctx.fleet.sample(c.fedtiny.search_clients, np.random.default_rng([c.seed, 17]))
-    alive, stage = list(candidates), 0
+    alive, start, rounds = list(candidates), 0, c.fedtiny.search_rounds
     try:
         while len(alive) > 1:
             for cand in alive:
                 models[cand.name].node_version.clear()  # nodes hold whichever candidate's masks came last
-                for r in range(c.fedtiny.search_rounds):
-                    t = stage * c.fedtiny.search_rounds + r + 1
+                for t in range(start + 1, start + rounds + 1):
                     ctx.rng = np.random.default_rng([c.seed, 29, t])  # the same clients for every candidate
                     loop.training_round(ctx, method, models[cand.name], t, {})
                 models[cand.name].node_version.clear()
                 cand.loss = held_out_loss(ctx, models[cand.name], eval_nodes)
                 cand.stages.append(cand.loss)
             alive = [alive[i] for i in halving_order([cand.loss for cand in alive])]
-            stage += 1
+            start, rounds = start + rounds, rounds * c.fedtiny.search_growth
     finally:
         ctx.rng = rng
         ctx.dense_bytes_up, ctx.dense_bytes_down = dense

@@ -178,6 +178,20 @@ def test_successive_halving_trains_candidates_and_picks_the_lowest_held_out_loss
     assert ctx.fleet.traffic.up > 0 and not ctx.fleet.traffic.failures  # every node decoded every candidate
 
 
+def test_successive_halving_multiplies_each_stages_rounds_by_the_growth(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path, "fedtiny.search_rounds=1", "fedtiny.search_growth=2", "fedtiny.scores=[magnitude]",
+                         "fedtiny.allocations=[uniform-noise,global,erk,lamp]")
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    trained: dict[int, list[int]] = {}
+    monkeypatch.setattr(policy_search.loop, "training_round",
+                        lambda ctx, method, gm, t, extra: trained.setdefault(id(gm), []).append(t))
+    candidates = policy_search.build_candidates(ctx, ctx.new_model())
+    assert len(candidates) == 4
+    policy_search.halving(ctx, METHODS.get("fedtiny")(ctx), ctx.new_model(), candidates)
+    rounds = sorted(trained.values(), key=len)
+    assert rounds == [[1], [1], [1, 2, 3], [1, 2, 3]]  # 4 -> 2 -> 1: a stage of 1 round, then one of 2
+
+
 def test_client_scores_reject_a_reply_with_non_finite_or_misshapen_scores():
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 

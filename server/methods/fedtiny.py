@@ -47,9 +47,11 @@ class FedTinySettings:
     adjust_interval: int = 5  # dT: rounds between block adjustments
     alpha: float = 0.2  # initial prune/grow fraction (cosine-decayed)
     end_fraction: float = 0.6  # T_end = end_fraction * rounds
-    # Successive halving after ABNS: rounds of masked FedAvg per surviving candidate and stage
-    # (0: ABNS alone picks). The winner restarts from the starting weights.
+    # Successive halving after ABNS: rounds of masked FedAvg per surviving candidate in the first
+    # stage (0: ABNS alone picks); each later stage trains `search_growth` times as many (2: every
+    # stage costs the same, as in Jamieson & Talwalkar). The winner restarts from the starting weights.
     search_rounds: int = 0
+    search_growth: int = 1
     # Adaptive BN once more after the last round: this many sampled clients recalibrate the final
     # model's BN statistics on their held-out splits and the server installs the exact pool
     # (0: keep the FedAvg average of the clients' running statistics).
@@ -63,6 +65,7 @@ class FedTinySettings:
         check(self.adjust_interval >= 1, "fedtiny.adjust_interval", "must be >= 1")
         check(0.0 <= self.alpha <= 1.0, "fedtiny.alpha", "must be in [0, 1]")
         check(0.0 <= self.end_fraction <= 1.0, "fedtiny.end_fraction", "must be in [0, 1]")
+        check(self.search_growth >= 1, "fedtiny.search_growth", "must be >= 1 (1: the same rounds every stage)")
         check(self.search_rounds >= 0, "fedtiny.search_rounds", "must be >= 0 (0: ABNS alone)")
         check(0 <= self.final_bn_clients <= c.fl.num_clients, "fedtiny.final_bn_clients", "must be in [0, fl.num_clients]")
         for name in self.allocations:
