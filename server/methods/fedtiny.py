@@ -65,8 +65,8 @@ class FedTinySettings:
         check(self.adjust_interval >= 1, "fedtiny.adjust_interval", "must be >= 1")
         check(0.0 <= self.alpha <= 1.0, "fedtiny.alpha", "must be in [0, 1]")
         check(0.0 <= self.end_fraction <= 1.0, "fedtiny.end_fraction", "must be in [0, 1]")
-        check(self.search_growth >= 1, "fedtiny.search_growth", "must be >= 1 (1: the same rounds every stage)")
         check(self.search_rounds >= 0, "fedtiny.search_rounds", "must be >= 0 (0: ABNS alone)")
+        check(self.search_growth >= 1, "fedtiny.search_growth", "must be >= 1 (1: the same rounds every stage)")
         check(0 <= self.final_bn_clients <= c.fl.num_clients, "fedtiny.final_bn_clients", "must be in [0, fl.num_clients]")
         for name in self.allocations:
             resolve(ALLOCATIONS, name, "fedtiny.allocations", c)
