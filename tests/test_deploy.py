@@ -102,13 +102,17 @@ def _probe_while_running(gate_port: int, link_port: int, ca: Path, found: dict) 
 
 
 def _superlink_flags_of_supernodes_under(run_dir: Path) -> list[str]:
-    """`--superlink` of the running flower-supernode processes whose CA file is in `run_dir`."""
-    dial = []
-    for proc in psutil.process_iter(["cmdline"]):
+    """`--superlink` of the running flower-supernode processes whose CA file is in `run_dir`.
+
+    A SuperNode forking its ClientApp process shows the parent's command line until the child execs;
+    such a child (its parent is a matching SuperNode) is the same node, not another one.
+    """
+    nodes = {}
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmd = proc.info["cmdline"] or []
         if any(a.endswith("flower-supernode") for a in cmd[:2]) and any(a.startswith(str(run_dir)) for a in cmd):
-            dial.append(cmd[cmd.index("--superlink") + 1])
-    return dial
+            nodes[proc.pid] = (proc.info["ppid"], cmd[cmd.index("--superlink") + 1])
+    return [dial for ppid, dial in nodes.values() if ppid not in nodes]
 
 
 @pytest.mark.integration
