@@ -34,7 +34,6 @@ def save(ctx: RunContext, gm: GlobalModel, method, t: int) -> None:
         "version": gm.version,
         "layer_version": gm.layer_version,
         "method": method.state_dict(),
-        "rng": ctx.rng.bit_generator.state,
         "rounds": [asdict(r) for r in ctx.recorder.rounds],
         "totals": {k: getattr(ctx, k) for k in TOTALS},
     }
@@ -74,7 +73,6 @@ def restore(ctx: RunContext, method) -> tuple[GlobalModel, int]:
     gm.version = state["version"]
     gm.layer_version = {k: int(v) for k, v in state["layer_version"].items()}
     method.load_state_dict(state["method"])
-    ctx.rng.bit_generator.state = state["rng"]
     ctx.recorder.rounds = [RoundRecord(**r) for r in state["rounds"]]
     for key, value in state["totals"].items():
         setattr(ctx, key, value)
@@ -85,7 +83,7 @@ def restore(ctx: RunContext, method) -> tuple[GlobalModel, int]:
 def check_state(state, rounds: int) -> int:
     """The checkpoint's round, after checking that it is a finished round of this run, that the weights
     file is this round's own inside the run folder, and that every round up to it was recorded."""
-    if not isinstance(state, dict) or not {"round", "weights", "rounds", "totals", "method", "rng"} <= set(state):
+    if not isinstance(state, dict) or not {"round", "weights", "rounds", "totals", "method"} <= set(state):
         raise ValueError("it is not a fedtiny checkpoint (keys missing)")
     t = state["round"]
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= rounds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,20 @@ from shared.pruning.params import prunable_names
 from shared.training import EvalResult, evaluate
 
 
+class Draw(IntEnum):
+    """The run's independent streams of client draws, each keyed by (seed, stream, key): which
+    clients round t samples depends on nothing else. So every method on one seed trains round t on
+    the same clients (a paired comparison, whatever search, score or BN rounds came before and
+    whatever retries failures caused), and a resumed run needs no generator state."""
+
+    TRAIN = 1
+    EVALUATE = 2
+    SCORES = 3
+    BN = 5
+    SEARCH_PANEL = 17  # the held-out panel that scores every successive-halving stage
+    HALVING = 29  # successive halving's training rounds, the same for every candidate
+
+
 @dataclass
 class RunContext:
     config: Config
@@ -26,7 +41,6 @@ class RunContext:
     bundle: DataBundle
     recorder: Recorder
     output_dir: Path
-    rng: np.random.Generator = field(init=False)
     device: torch.device = field(init=False)  # central evaluation and warm-up (`config.device`)
     tracker: object = None  # server.tracking.Tracker of the run, when tracking is on
     bytes_up: int = 0
@@ -37,7 +51,6 @@ class RunContext:
     rejected: int = 0
 
     def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.config.seed)
         self.device = resolve(self.config.device)
         self._test = None
 
@@ -72,6 +85,10 @@ class RunContext:
     def weights(self, replies: list[Reply]) -> list[float]:
         """The replies' sample weights, none above `fl.max_weight_share` of them (when set)."""
         return cap_weights([r.num_examples for r in replies], self.config.fl.max_weight_share)
+
+    def draws(self, stream: Draw, *key: int) -> np.random.Generator:
+        """The generator of one draw of clients: stream `stream` at `key` (usually the round)."""
+        return np.random.default_rng([self.config.seed, int(stream), *key])
 
     def client_seed(self, round_: int, node_id: int) -> int:
         """A seed for a client's local work, reproducible from (seed, round, partition)."""

@@ -14,7 +14,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from server import checkpoint
-from server.context import RunContext
+from server.context import Draw, RunContext
 from server.aggregate import clip_update, screen_updates
 from server.fleet import Reply, config_record
 from server.global_model import GlobalModel
@@ -84,13 +84,14 @@ def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
     return {n for n in candidates if rng.random() < frac}
 
 
-def training_round(ctx: RunContext, method: Method, gm: GlobalModel, t: int, extra: dict) -> list[Reply]:
-    """One round of masked training with the method's `extra` config; the global state is replaced
-    by the method's aggregate."""
+def training_round(ctx: RunContext, method: Method, gm: GlobalModel, t: int, extra: dict,
+                   stream: Draw = Draw.TRAIN) -> list[Reply]:
+    """One round of masked training with the method's `extra` config, on the clients `stream` draws
+    for round t; the global state is replaced by the method's aggregate."""
     k = ctx.config.fl.clients_per_round
     failing = failing_nodes(ctx, t, ctx.fleet.nodes)
     sampled, replies = ctx.fleet.round(
-        k, p.TRAIN, lambda n: train_message(ctx, gm, n, t, extra, failing), ctx.rng,
+        k, p.TRAIN, lambda n: train_message(ctx, gm, n, t, extra, failing), ctx.draws(stream, t),
         lambda r: check_update(gm, r, ctx.config.fl.max_update_norm),
     )
     for node in sampled:
@@ -167,7 +168,9 @@ def record_round(
 def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
     """Evaluate the final model on sampled clients' held-out splits (sample-weighted)."""
     build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731
-    sampled, got = ctx.fleet.round(ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.rng, check_evaluate)
+    sampled, got = ctx.fleet.round(
+        ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.draws(Draw.EVALUATE, ctx.config.fl.rounds), check_evaluate
+    )
     ctx.dense_traffic(len(sampled), 0, gm.dense_bytes())
     n = sum(r.num_examples for r in got)
     return {

@@ -16,13 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from server import loop, replies
 from server.aggregate import clip_bn_stats, robust_mean_loss, robust_scores
-from server.context import RunContext
+from server.context import Draw, RunContext
 from server.global_model import GlobalModel
 from server.fleet import config_record
 from shared import codec, protocol as p
@@ -53,7 +52,7 @@ def client_scores(ctx: RunContext, model: torch.nn.Module, score: str, clients: 
         return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: blob})})
 
     shapes = {n: tuple(w.shape) for n, w in model.named_parameters() if n in set(prunable_names(model))}
-    _, got = ctx.fleet.round(clients, p.SCORES, build, ctx.rng, lambda r: replies.check_scores(r, shapes))
+    _, got = ctx.fleet.round(clients, p.SCORES, build, ctx.draws(Draw.SCORES, 0), lambda r: replies.check_scores(r, shapes))
     return robust_scores([r.decoded for r in got], ctx.weights(got))
 
 
@@ -82,15 +81,17 @@ def candidate_payload(state: Tensors, masks: list[Tensors]) -> ConfigRecord:
     return ConfigRecord({p.CANDIDATE_BASE: base, p.CANDIDATE_MASKS: selections})
 
 
-def pooled_bn(ctx: RunContext, model: torch.nn.Module, masks: list[Tensors], clients: int) -> tuple[list[BNStats], dict[int, int]]:
-    """ABNS steps 2-3: `clients` sampled clients recalibrate the BN statistics of `model` under each
+def pooled_bn(
+    ctx: RunContext, model: torch.nn.Module, masks: list[Tensors], clients: int, t: int = 0
+) -> tuple[list[BNStats], dict[int, int]]:
+    """ABNS steps 2-3: `clients` clients sampled for round t recalibrate the BN statistics of `model` under each
     mask on their held-out splits; the server checks, clips and pools them exactly. Returns the
     pooled statistics per mask and the held-out size of every client whose statistics were used
     (too few replies raise `NotEnoughReplies`, as in any round)."""
     payload = candidate_payload(model.state_dict(), masks)
     build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
     layout = bn_stats_layout(model)  # a BN blob decodes to this layout only (bounded before allocating)
-    _, got = ctx.fleet.round(clients, p.BN, build, ctx.rng, lambda r: replies.check_bn(r, len(masks), layout))
+    _, got = ctx.fleet.round(clients, p.BN, build, ctx.draws(Draw.BN, t), lambda r: replies.check_bn(r, len(masks), layout))
     pooled = [pool_stats(clip_bn_stats([r.decoded[i] for r in got])) for i in range(len(masks))]
     return pooled, {r.node_id: r.num_examples for r in got}
 
@@ -142,24 +143,22 @@ def halving(ctx: RunContext, method, model: torch.nn.Module, candidates: list[Ca
     as every method's; the search's bytes and seconds count in round 0, but not in the dense
     reference (dense FedAvg runs no search).
     """
-    c, rng, dense = ctx.config, ctx.rng, (ctx.dense_bytes_up, ctx.dense_bytes_down)
+    c, dense = ctx.config, (ctx.dense_bytes_up, ctx.dense_bytes_down)
     models = {cand.name: GlobalModel(model.state_dict(), cand.masks) for cand in candidates}
-    eval_nodes = ctx.fleet.sample(c.fedtiny.search_clients, np.random.default_rng([c.seed, 17]))
+    eval_nodes = ctx.fleet.sample(c.fedtiny.search_clients, ctx.draws(Draw.SEARCH_PANEL))
     alive, start, rounds = list(candidates), 0, c.fedtiny.search_rounds
     try:
         while len(alive) > 1:
             for cand in alive:
                 models[cand.name].node_version.clear()  # nodes hold whichever candidate's masks came last
                 for t in range(start + 1, start + rounds + 1):
-                    ctx.rng = np.random.default_rng([c.seed, 29, t])  # the same clients for every candidate
-                    loop.training_round(ctx, method, models[cand.name], t, {})
+                    loop.training_round(ctx, method, models[cand.name], t, {}, Draw.HALVING)
                 models[cand.name].node_version.clear()
                 cand.loss = held_out_loss(ctx, models[cand.name], eval_nodes)
                 cand.stages.append(cand.loss)
             alive = [alive[i] for i in halving_order([cand.loss for cand in alive])]
             start, rounds = start + rounds, rounds * c.fedtiny.search_growth
     finally:
-        ctx.rng = rng
         ctx.dense_bytes_up, ctx.dense_bytes_down = dense
     return alive[0]
 

@@ -15,7 +15,7 @@ from server.aggregate import weighted_average
 from server.app import run
 from server.fleet import NotEnoughReplies
 from server.global_model import GlobalModel
-from server.loop import training_round
+from server.loop import run_training, training_round
 from server.methods import METHODS, Method
 from shared import codec, protocol as p
 from shared.batchnorm import pool_stats, recalibrate
@@ -184,7 +184,7 @@ def test_successive_halving_multiplies_each_stages_rounds_by_the_growth(tmp_path
     ctx = run_context(config, FakeGrid(config), tmp_path)
     trained: dict[int, list[int]] = {}
     monkeypatch.setattr(policy_search.loop, "training_round",
-                        lambda ctx, method, gm, t, extra: trained.setdefault(id(gm), []).append(t))
+                        lambda ctx, method, gm, t, extra, stream: trained.setdefault(id(gm), []).append(t))
     candidates = policy_search.build_candidates(ctx, ctx.new_model())
     assert len(candidates) == 4
     policy_search.halving(ctx, METHODS.get("fedtiny")(ctx), ctx.new_model(), candidates)
@@ -238,3 +238,24 @@ def test_without_final_bn_the_averaged_statistics_stay(tmp_path):
     sent = len(grid.sent)
     method.after_round(ctx, gm, 1, training_round(ctx, method, gm, 1, method.round_config(ctx, gm, 1)))
     assert all(m.metadata.message_type == p.TRAIN for m in grid.sent[sent:]) and "final_bn" not in method.summary
+
+
+def test_every_method_on_one_seed_trains_each_round_on_the_same_clients(tmp_path):
+    """Client draws are keyed by (seed, round): FedTiny's score and BN rounds and SNIP's score round
+    before round 1 do not shift which clients later rounds train (a paired comparison of methods)."""
+    trained: dict[str, list[list[int]]] = {}
+    for name in ("fedtiny", "snip", "fedavg"):
+        (out := tmp_path / name).mkdir()
+        config = tiny_config(out, f"method={name}", "fl.num_clients=8", "fl.clients_per_round=3")
+        ctx = run_context(config, FakeGrid(config), out)
+        method, rounds = METHODS.get(name)(ctx), trained.setdefault(name, [])
+        after = method.after_round
+
+        def record(ctx, gm, t, replies, after=after, rounds=rounds):
+            rounds.append(sorted(ctx.fleet.partition_of[r.node_id] for r in replies))
+            return after(ctx, gm, t, replies)
+
+        method.after_round = record
+        run_training(ctx, method)
+    assert len(trained["fedavg"]) == 3 and len({tuple(r) for r in trained["fedavg"]}) > 1
+    assert trained["fedtiny"] == trained["snip"] == trained["fedavg"]

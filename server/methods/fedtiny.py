@@ -165,7 +165,7 @@ class FedTiny(Method):
         before = ctx.evaluate_central(gm.state)
         model = ctx.new_model()
         model.load_state_dict(gm.state)
-        pooled, examples = policy_search.pooled_bn(ctx, model, [gm.masks], self.settings.final_bn_clients)
+        pooled, examples = policy_search.pooled_bn(ctx, model, [gm.masks], self.settings.final_bn_clients, ctx.config.fl.rounds)
         load_stats(model, pooled[0])
         running = set(running_stat_names(gm.state))
         gm.state.update({n: v for n, v in model.state_dict().items() if n in running})
