@@ -30,6 +30,7 @@ class Draw(IntEnum):
     EVALUATE = 2
     SCORES = 3
     BN = 5
+    FAULTS = 7  # the fault drill's failing clients (simulation.fail_fraction)
     SEARCH_PANEL = 17  # the held-out panel that scores every successive-halving stage
     HALVING = 29  # successive halving's training rounds, the same for every candidate
 

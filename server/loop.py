@@ -80,7 +80,7 @@ def failing_nodes(ctx: RunContext, t: int, candidates: list[int]) -> set[int]:
     frac = ctx.config.simulation.fail_fraction
     if frac <= 0:
         return set()
-    rng = np.random.default_rng([ctx.config.seed, t, 7])
+    rng = ctx.draws(Draw.FAULTS, t)
     return {n for n in candidates if rng.random() < frac}
 
 
