@@ -84,10 +84,10 @@ def candidate_payload(state: Tensors, masks: list[Tensors]) -> ConfigRecord:
 def pooled_bn(
     ctx: RunContext, model: torch.nn.Module, masks: list[Tensors], clients: int, t: int = 0
 ) -> tuple[list[BNStats], dict[int, int]]:
-    """ABNS steps 2-3: `clients` clients sampled for round t recalibrate the BN statistics of `model` under each
-    mask on their held-out splits; the server checks, clips and pools them exactly. Returns the
-    pooled statistics per mask and the held-out size of every client whose statistics were used
-    (too few replies raise `NotEnoughReplies`, as in any round)."""
+    """ABNS steps 2-3: `clients` clients drawn for round t recalibrate the BN statistics of `model`
+    under each mask on their held-out splits; the server checks, clips and pools them exactly.
+    Returns the pooled statistics per mask and the held-out size of every client whose statistics
+    were used (too few replies raise `NotEnoughReplies`, as in any round)."""
     payload = candidate_payload(model.state_dict(), masks)
     build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
     layout = bn_stats_layout(model)  # a BN blob decodes to this layout only (bounded before allocating)
