@@ -1,10 +1,11 @@
 """Atomic per-round checkpoints of the whole server state, and resuming from them.
 
 The weights and masks go to `checkpoint-<round>.ftc` (codec format), everything else
-(round, mask versions, the method's own state, the sampling RNG, metrics and byte
-totals) to `checkpoint.json`, written last and atomically, so a crash at any moment
-leaves a consistent pair. Client work is seeded from (seed, round, partition), so a
-resumed run repeats exactly what the uninterrupted run would have done.
+(round, mask versions, the method's own state, metrics and byte totals) to
+`checkpoint.json`, written last and atomically, so a crash at any moment leaves a
+consistent pair. Client draws are keyed by (seed, round) (`server.context.Draw`) and client
+work is seeded from (seed, round, partition), so a resumed run repeats exactly what the
+uninterrupted run would have done.
 """
 
 from __future__ import annotations
