@@ -3,7 +3,7 @@
 The weights and masks go to `checkpoint-<round>.ftc` (codec format), everything else
 (round, mask versions, the method's own state, metrics and byte totals) to
 `checkpoint.json`, written last and atomically, so a crash at any moment leaves a
-consistent pair. Client draws are keyed by (seed, round) (`server.context.Draw`) and client
+consistent pair. Client draws are keyed by (seed, stream, round) (`server.context.Draw`) and client
 work is seeded from (seed, round, partition), so a resumed run repeats exactly what the
 uninterrupted run would have done.
 """

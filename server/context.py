@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, unique
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,11 @@ from shared.pruning.params import prunable_names
 from shared.training import EvalResult, evaluate
 
 
+@unique
 class Draw(IntEnum):
-    """The run's independent streams of client draws, each keyed by (seed, stream, key): which
-    clients round t samples depends on nothing else. So every method on one seed trains round t on
-    the same clients (a paired comparison, whatever search, score or BN rounds came before and
+    """The run's independent random streams, each keyed by (seed, stream, key) (`seed_sequence`):
+    which clients round t samples depends on nothing else. So every method on one seed trains round
+    t on the same clients (a paired comparison, whatever search, score or BN rounds came before and
     whatever retries failures caused), and a resumed run needs no generator state."""
 
     TRAIN = 1
@@ -33,6 +34,15 @@ class Draw(IntEnum):
     FAULTS = 7  # the fault drill's failing clients (simulation.fail_fraction)
     SEARCH_PANEL = 17  # the held-out panel that scores every successive-halving stage
     HALVING = 29  # successive halving's training rounds, the same for every candidate
+    CLIENT_SEEDS = 37  # each client's seed for its local work in a round (`RunContext.client_seed`)
+
+
+def seed_sequence(seed: int, stream: Draw, *key: int) -> np.random.SeedSequence:
+    """The one seed sequence of `stream` at `key` in run `seed`. Streams and keys are a spawn key,
+    not more entropy words, so no two (stream, key) pairs share a sequence: with
+    `SeedSequence([seed, stream, round])` and `SeedSequence([seed, round, partition])`, training
+    round 7's draw and partition 7's seed in round 1 were one sequence."""
+    return np.random.SeedSequence(seed, spawn_key=(int(stream), *key))
 
 
 @dataclass
@@ -89,12 +99,12 @@ class RunContext:
 
     def draws(self, stream: Draw, *key: int) -> np.random.Generator:
         """The generator of one draw of clients: stream `stream` at `key` (usually the round)."""
-        return np.random.default_rng([self.config.seed, int(stream), *key])
+        return np.random.default_rng(seed_sequence(self.config.seed, stream, *key))
 
     def client_seed(self, round_: int, node_id: int) -> int:
         """A seed for a client's local work, reproducible from (seed, round, partition)."""
         part = self.fleet.partition_of.get(node_id, 0)
-        return int(np.random.SeedSequence([self.config.seed, round_, part]).generate_state(1)[0] % (2**31))
+        return int(seed_sequence(self.config.seed, Draw.CLIENT_SEEDS, round_, part).generate_state(1)[0] % (2**31))
 
     def evaluate_central(self, state: dict[str, torch.Tensor]) -> EvalResult:
         model = self.new_model().to(self.device)

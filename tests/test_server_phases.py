@@ -13,6 +13,7 @@ from helpers import run_context, tiny_config
 from server import policy_search, replies
 from server.aggregate import weighted_average
 from server.app import run
+from server.context import Draw, seed_sequence
 from server.fleet import NotEnoughReplies
 from server.global_model import GlobalModel
 from server.loop import run_training, training_round
@@ -259,3 +260,13 @@ def test_every_method_on_one_seed_trains_each_round_on_the_same_clients(tmp_path
         run_training(ctx, method)
     assert len(trained["fedavg"]) == 3 and len({tuple(r) for r in trained["fedavg"]}) > 1
     assert trained["fedtiny"] == trained["snip"] == trained["fedavg"]
+
+
+def test_no_two_random_streams_of_a_run_share_a_seed_sequence():
+    """Every client draw and every client's local seed comes from its own (stream, key): training
+    round 7's draw is not partition 7's seed in round 1, as it was with plain entropy lists."""
+    keys = [(stream, a, b) for stream in Draw for a in range(12) for b in range(12)]
+    states = {tuple(seed_sequence(0, stream, a, b).generate_state(4)) for stream, a, b in keys}
+    assert len(states) == len(keys)
+    assert (seed_sequence(0, Draw.TRAIN, 7).generate_state(4) != seed_sequence(0, Draw.CLIENT_SEEDS, 1, 7).generate_state(4)).all()
+    assert (seed_sequence(0, Draw.TRAIN, 7).generate_state(4) != seed_sequence(1, Draw.TRAIN, 7).generate_state(4)).any()
