@@ -99,12 +99,18 @@ class RunContext:
 
     def draws(self, stream: Draw, *key: int) -> np.random.Generator:
         """The generator of one draw of clients: stream `stream` at `key` (usually the round)."""
-        return np.random.default_rng(seed_sequence(self.config.seed, stream, *key))
+        return np.random.default_rng(seed_sequence(self.sampling_seed, stream, *key))
 
     def client_seed(self, round_: int, node_id: int) -> int:
         """A seed for a client's local work, reproducible from (seed, round, partition)."""
         part = self.fleet.partition_of.get(node_id, 0)
-        return int(seed_sequence(self.config.seed, Draw.CLIENT_SEEDS, round_, part).generate_state(1)[0] % (2**31))
+        return int(seed_sequence(self.sampling_seed, Draw.CLIENT_SEEDS, round_, part).generate_state(1)[0] % (2**31))
+
+    @property
+    def sampling_seed(self) -> int:
+        """The seed of client draws and local work: `fl.sampling_seed`, or the run's seed."""
+        s = self.config.fl.sampling_seed
+        return self.config.seed if s < 0 else s
 
     def evaluate_central(self, state: dict[str, torch.Tensor]) -> EvalResult:
         model = self.new_model().to(self.device)

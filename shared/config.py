@@ -76,6 +76,10 @@ class FLConfig:
     round_timeout: float = 300.0  # seconds to wait for replies in a round
     max_update_norm: float = 0.0  # clip each update's L2 distance from the global model (0: off)
     eval_every: int = 1  # central test evaluation every this many rounds; round 0 and the last round always
+    # Seeds which clients each round samples and their local work (-1: `seed`). Another value keeps the seed's
+    # data, partition, initial model and candidate masks and replays the run under other client samples:
+    # a replicate, to tell a method's effect from the spread of client sampling on one seed.
+    sampling_seed: int = -1
     # Robust aggregation (server.aggregate): each update's distance from the global model is clipped to
     # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
     # the round (0: off); aggregator trimmed-mean (per coordinate the extreme clients left out, the rest
@@ -399,6 +403,7 @@ def validate(c: Config) -> None:
     check(0.0 < c.fl.min_replies <= 1.0, "fl.min_replies", "must be in (0, 1]")
     check(c.fl.round_timeout > 0, "fl.round_timeout", "must be > 0")
     check(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1 (1 evaluates every round)")
+    check(c.fl.sampling_seed >= -1, "fl.sampling_seed", "must be >= 0, or -1 to follow seed")
     check(c.fl.max_update_norm >= 0, "fl.max_update_norm", "must be >= 0 (0 turns clipping off)")
     check(c.fl.clip_multiple == 0 or c.fl.clip_multiple >= 1, "fl.clip_multiple",
           "must be 0 (off) or >= 1 (a multiple of the round's median update distance)")

@@ -66,6 +66,7 @@ def test_flat_round_trip_keeps_lists():
         ("simulation.fail_mode=explode", "'simulation.fail_mode' must be one of crash, straggle"),
         ("simulation.cpus_per_client=0.5", "simulation.cpus_per_client"),
         ("simulation.cpus_per_client=0", "raise simulation.num_cpus"),
+        ("fl.sampling_seed=-2", "'fl.sampling_seed' must be >= 0, or -1"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(override, fragment):

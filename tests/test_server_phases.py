@@ -241,25 +241,44 @@ def test_without_final_bn_the_averaged_statistics_stay(tmp_path):
     assert all(m.metadata.message_type == p.TRAIN for m in grid.sent[sent:]) and "final_bn" not in method.summary
 
 
+def trained_partitions(out, name: str, *overrides: str) -> tuple[list[list[int]], dict]:
+    """The partitions each round of a tiny `name` run trained on, and its starting state."""
+    out.mkdir()
+    config = tiny_config(out, f"method={name}", "fl.num_clients=8", "fl.clients_per_round=3", *overrides)
+    ctx = run_context(config, FakeGrid(config), out)
+    method, rounds = METHODS.get(name)(ctx), []
+    after, prepare, start = method.after_round, method.prepare, {}
+
+    def record(ctx, gm, t, replies):
+        rounds.append(sorted(ctx.fleet.partition_of[r.node_id] for r in replies))
+        return after(ctx, gm, t, replies)
+
+    def keep_start(ctx):
+        gm = prepare(ctx)
+        start.update(copy.deepcopy(gm.state))
+        return gm
+
+    method.after_round, method.prepare = record, keep_start
+    run_training(ctx, method)
+    return rounds, start
+
+
 def test_every_method_on_one_seed_trains_each_round_on_the_same_clients(tmp_path):
     """Client draws are keyed by (seed, round): FedTiny's score and BN rounds and SNIP's score round
     before round 1 do not shift which clients later rounds train (a paired comparison of methods)."""
-    trained: dict[str, list[list[int]]] = {}
-    for name in ("fedtiny", "snip", "fedavg"):
-        (out := tmp_path / name).mkdir()
-        config = tiny_config(out, f"method={name}", "fl.num_clients=8", "fl.clients_per_round=3")
-        ctx = run_context(config, FakeGrid(config), out)
-        method, rounds = METHODS.get(name)(ctx), trained.setdefault(name, [])
-        after = method.after_round
-
-        def record(ctx, gm, t, replies, after=after, rounds=rounds):
-            rounds.append(sorted(ctx.fleet.partition_of[r.node_id] for r in replies))
-            return after(ctx, gm, t, replies)
-
-        method.after_round = record
-        run_training(ctx, method)
+    trained = {name: trained_partitions(tmp_path / name, name)[0] for name in ("fedtiny", "snip", "fedavg")}
     assert len(trained["fedavg"]) == 3 and len({tuple(r) for r in trained["fedavg"]}) > 1
     assert trained["fedtiny"] == trained["snip"] == trained["fedavg"]
+
+
+def test_a_sampling_seed_replays_one_seed_under_other_client_samples(tmp_path):
+    """`fl.sampling_seed` changes which clients train, not the data or the starting model; set to
+    the run's seed it is the run itself."""
+    rounds, start = trained_partitions(tmp_path / "default", "fedavg")
+    same, same_start = trained_partitions(tmp_path / "same", "fedavg", "fl.sampling_seed=0")
+    other, other_start = trained_partitions(tmp_path / "other", "fedavg", "fl.sampling_seed=7")
+    assert same == rounds and other != rounds
+    assert all(torch.equal(start[n], other_start[n]) and torch.equal(start[n], same_start[n]) for n in start)
 
 
 def test_no_two_random_streams_of_a_run_share_a_seed_sequence():
