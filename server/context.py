@@ -102,7 +102,7 @@ class RunContext:
         return np.random.default_rng(seed_sequence(self.sampling_seed, stream, *key))
 
     def client_seed(self, round_: int, node_id: int) -> int:
-        """A seed for a client's local work, reproducible from (seed, round, partition)."""
+        """A seed for a client's local work, reproducible from (sampling seed, round, partition)."""
         part = self.fleet.partition_of.get(node_id, 0)
         return int(seed_sequence(self.sampling_seed, Draw.CLIENT_SEEDS, round_, part).generate_state(1)[0] % (2**31))
 
