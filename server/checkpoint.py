@@ -3,9 +3,10 @@
 The weights and masks go to `checkpoint-<round>.ftc` (codec format), everything else
 (round, mask versions, the method's own state, metrics and byte totals) to
 `checkpoint.json`, written last and atomically, so a crash at any moment leaves a
-consistent pair. Client draws are keyed by (seed, stream, round) (`server.context.Draw`) and client
-work is seeded from (seed, round, partition), so a resumed run repeats exactly what the
-uninterrupted run would have done.
+consistent pair. Client draws are keyed by (sampling seed, stream, round) (`server.context.Draw`)
+and client work is seeded from (sampling seed, round, partition), the sampling seed being
+`fl.sampling_seed` or `seed`, so a resumed run repeats exactly what the uninterrupted run would
+have done.
 """
 
 from __future__ import annotations
