@@ -8,7 +8,7 @@ import json
 import pytest
 
 from shared.config import ConfigError
-from simulations.cli import compare, main
+from simulations.cli import compare, main, paired
 from simulations.cli.compare import Cell
 
 TINY = "configs/tiny.yaml"
@@ -153,3 +153,35 @@ def test_each_fedtiny_search_is_reported_with_its_pooled_losses(tmp_path):
 def test_the_centralized_ceiling_is_labelled_as_not_federated():
     rows = [compare.row(Cell("centralized", 0.01, 0), _metrics(0.9))]
     assert "| centralized (ceiling, not federated) |" in compare.markdown(compare.summarize(rows))
+
+
+def _row(method: str, density: float, seed: int, accuracy: float) -> dict:
+    return {"method": method, "density": density, "seed": seed, "accuracy": accuracy}
+
+
+def test_fedtiny_is_compared_with_each_baseline_seed_by_seed_on_the_seeds_both_ran():
+    rows = [
+        *(_row("fedtiny", 0.01, s, a) for s, a in enumerate((0.80, 0.82, 0.78))),
+        *(_row("synflow", 0.01, s, a) for s, a in enumerate((0.79, 0.83))),  # no seed 2
+        *(_row("imp", 0.01, s, a) for s, a in enumerate((0.70, 0.70, 0.70))),
+        _row("fedavg", 1.0, 0, 0.9), _row("centralized", 0.01, 0, 0.9), _row("fedtiny-noprogressive", 0.01, 0, 0.9),
+        _row("synflow", 0.003, 0, 0.5),  # no FedTiny run at this density
+    ]
+    diffs = paired.paired_differences(rows, "fedtiny", ["fedavg", "centralized", "fedtiny-noprogressive"])
+    assert [(x["density"], x["baseline"], x["seeds"], x["below"]) for x in diffs] == [
+        (0.01, "synflow", 2, 1), (0.01, "imp", 3, 0)]  # the stronger baseline first
+    synflow, imp = diffs
+    assert synflow["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert synflow["interval"] == pytest.approx((-0.12706, 0.12706), rel=1e-4)  # t(0.975, 1) x 0.01
+    assert imp["mean"] == pytest.approx(0.10) and imp["interval"][0] == pytest.approx(0.10 - 4.3027 * 0.02 / 3 ** 0.5, rel=1e-4)
+    assert paired.interval([0.01]) is None
+
+
+def test_comparison_table_reports_the_paired_differences(tmp_path):
+    results = {Cell(m, 0.05, s): _metrics(a) for (m, s), a in
+               {("fedtiny", 0): 0.80, ("fedtiny", 1): 0.70, ("snip", 0): 0.75, ("snip", 1): 0.72}.items()}
+    compare.write_outputs(results, tmp_path)
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| 0.05 | snip | 2 | +1.50 | [-42.97, +45.97] | 1 of 2 |" in table
+    compare.write_outputs(results, tmp_path, focus="snip")
+    assert "| 0.05 | fedtiny | 2 | -1.50 |" in (tmp_path / "comparison.md").read_text()

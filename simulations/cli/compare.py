@@ -4,7 +4,8 @@ Every cell is one `fedtiny run` (same config, partitions and codec; only the met
 and the seed change) in `<output_dir>/<method>-d<density>-s<seed>`. A cell whose metrics.json
 already has a summary with an accuracy is not rerun, so an interrupted grid resumes. Dense
 FedAvg is run once per seed (density 1). Outputs: comparison.csv (one row per run),
-comparison.md (mean +- std over seeds, then each FedTiny run's policy search) and PNG plots.
+comparison.md (mean +- std over seeds; FedTiny minus each federated baseline seed by seed,
+`simulations.cli.paired`; each FedTiny run's policy search) and PNG plots.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Callable, Sequence
 from shared import rundir
 from server.methods import METHODS
 from shared.config import Config, ConfigError, load_config
+from simulations.cli import paired
 from simulations.cli.common import EXIT_RUN_FAILED, preflight
 
 # Ablations of FedTiny, selectable as method names in a comparison.
@@ -33,6 +35,7 @@ ALIASES: dict[str, list[str]] = {
 DENSE = "fedavg"
 CEILING = "centralized"
 CEILING_LABEL = "centralized (ceiling, not federated)"
+FOCUS = "fedtiny"  # the method `comparison.md` compares seed by seed with every federated baseline
 DEFAULT_OUTPUT_DIR = "outputs/compare"  # one fixed folder (not timestamped), so a rerun resumes the grid
 CSV_FIELDS = (
     "method", "density", "seed", "accuracy", "federated_accuracy", "final_density", "bytes_ratio", "bytes_total",
@@ -320,14 +323,18 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def write_outputs(results: dict[Cell, dict], out: Path) -> list[Path]:
+def write_outputs(results: dict[Cell, dict], out: Path, focus: str = FOCUS) -> list[Path]:
     """comparison.csv, comparison.md and the plots for the finished cells."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [row(c, m) for c, m in results.items()]
     write_csv(rows, out / rundir.COMPARISON_CSV)
+    not_baselines = [DENSE, CEILING, *(a for a in ALIASES if a.startswith(f"{focus}-"))]
+    pairs = paired.markdown(paired.paired_differences(rows, focus, not_baselines), focus)
     searches = search_table(results)
     (out / rundir.COMPARISON_MD).write_text(
-        markdown(summarize(rows)) + (f"\nFedTiny's policy search (held-out loss on the search clients):\n\n{searches}" if searches else ""))
+        markdown(summarize(rows))
+        + (f"\n{focus} minus each federated baseline, seed by seed (accuracy points; a seed's runs share its clients):\n\n{pairs}" if pairs else "")
+        + (f"\nFedTiny's policy search (held-out loss on the search clients):\n\n{searches}" if searches else ""))
     return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, out)]
 
 
@@ -348,6 +355,7 @@ def _compare(args: argparse.Namespace) -> int:
     methods = _list(args.methods, str, "--methods")
     densities = _list(args.densities, float, "--densities")
     seeds = _list(args.seeds, int, "--seeds")
+    method_overrides(args.focus)  # a typo fails here, not as a silently missing table
     base = load_config(args.config, args.overrides)
     out = Path(base.output_dir or DEFAULT_OUTPUT_DIR).expanduser().resolve()
     overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
@@ -362,7 +370,7 @@ def _compare(args: argparse.Namespace) -> int:
         cells, out, args.config, overrides, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False)
     )
     if results:
-        for path in write_outputs(results, out):
+        for path in write_outputs(results, out, args.focus):
             print(f"wrote {path}")
     for line in failures:
         print(f"fedtiny: run failed: {line}", file=sys.stderr)
@@ -377,6 +385,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     cmp.add_argument("--densities", default="0.01,0.05", help="comma-separated target densities (fedavg runs dense once per seed)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
     cmp.add_argument("--config", help="YAML file merged onto configs/default.yaml")
+    cmp.add_argument("--focus", default=FOCUS,
+                     help="the method compared seed by seed with every federated baseline in comparison.md")
     cmp.add_argument("--report-only", action="store_true",
                      help="run nothing: write the table and plots from the grid's finished cells (a grid run in parts)")
     cmp.add_argument("overrides", nargs="*", help="key=value overrides for every run; output_dir= is the grid's folder")
