@@ -333,7 +333,7 @@ def write_outputs(results: dict[Cell, dict], out: Path, focus: str = FOCUS) -> l
     searches = search_table(results)
     (out / rundir.COMPARISON_MD).write_text(
         markdown(summarize(rows))
-        + (f"\n{focus} minus each federated baseline, seed by seed (accuracy points; a seed's runs share its clients):\n\n{pairs}" if pairs else "")
+        + (f"\n{focus} minus each federated baseline, seed by seed (accuracy points; a seed's runs share its data, partitions and starting model):\n\n{pairs}" if pairs else "")
         + (f"\nFedTiny's policy search (held-out loss on the search clients):\n\n{searches}" if searches else ""))
     return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, out)]
 
