@@ -185,3 +185,11 @@ def test_comparison_table_reports_the_paired_differences(tmp_path):
     assert "| 0.05 | snip | 2 | +1.50 | [-42.97, +45.97] | 1 of 2 |" in table
     compare.write_outputs(results, tmp_path, focus="snip")
     assert "| 0.05 | fedtiny | 2 | -1.50 |" in (tmp_path / "comparison.md").read_text()
+
+
+def test_an_unknown_focus_method_fails_before_any_cell_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("simulations.cli.launch.simulate", lambda *a, **k: pytest.fail("a cell ran"))
+    args = ["compare", "--methods", "snip", "--focus", "fedtinny", "--densities", "0.05", "--config", TINY,
+            f"output_dir={tmp_path}"]
+    assert main(args) == 2
+    assert "unknown method 'fedtinny' in --focus" in capsys.readouterr().err

@@ -54,13 +54,13 @@ class Cell:
         return f"{self.method}-d{self.density:g}-s{self.seed}"
 
 
-def method_overrides(name: str) -> list[str]:
-    """Config overrides that select `name` (a method or a FedTiny ablation alias)."""
+def method_overrides(name: str, flag: str = "--methods") -> list[str]:
+    """Config overrides that select `name` (a method or a FedTiny ablation alias), given by `flag`."""
     if name in ALIASES:
         return list(ALIASES[name])
     if name in METHODS or ":" in name:  # a registered method, or package.module:Class (trusted)
         return [f"method={name}"]
-    raise ConfigError(f"unknown method {name!r} in --methods; known: {', '.join([*METHODS.names(), *ALIASES])}")
+    raise ConfigError(f"unknown method {name!r} in {flag}; known: {', '.join([*METHODS.names(), *ALIASES])}")
 
 
 def grid(methods: Sequence[str], densities: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
@@ -355,7 +355,7 @@ def _compare(args: argparse.Namespace) -> int:
     methods = _list(args.methods, str, "--methods")
     densities = _list(args.densities, float, "--densities")
     seeds = _list(args.seeds, int, "--seeds")
-    method_overrides(args.focus)  # a typo fails here, not as a silently missing table
+    method_overrides(args.focus, "--focus")  # a typo fails here, not as a silently missing table
     base = load_config(args.config, args.overrides)
     out = Path(base.output_dir or DEFAULT_OUTPUT_DIR).expanduser().resolve()
     overrides = [o for o in args.overrides if not o.startswith("output_dir=")]
