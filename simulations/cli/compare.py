@@ -328,7 +328,8 @@ def write_outputs(results: dict[Cell, dict], out: Path, focus: str = FOCUS) -> l
     out.mkdir(parents=True, exist_ok=True)
     rows = [row(c, m) for c, m in results.items()]
     write_csv(rows, out / rundir.COMPARISON_CSV)
-    not_baselines = [DENSE, CEILING, *(a for a in ALIASES if a.startswith(f"{focus}-"))]
+    ablations = [a for a, overrides in ALIASES.items() if f"method={focus}" in overrides]  # focus's own switches
+    not_baselines = [DENSE, CEILING, *ablations]
     pairs = paired.markdown(paired.paired_differences(rows, focus, not_baselines), focus)
     searches = search_table(results)
     (out / rundir.COMPARISON_MD).write_text(
