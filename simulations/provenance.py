@@ -97,6 +97,6 @@ def start(config: Config, root: Path = PROJECT_ROOT, **extra) -> dict:
 
 
 def same_source(a: dict, b: dict) -> bool:
-    """Whether two records ran the same commit and settings from a clean tree (a run may continue across them)."""
-    keys = ("commit", "clean", "code", "config_hash")
-    return all(a.get(k) == b.get(k) for k in keys) and a.get("clean") is True
+    """Whether two records ran the same commit, tree state and settings (a run may continue across them;
+    one from a dirty tree is marked on its page either way)."""
+    return all(a.get(k) == b.get(k) for k in ("commit", "clean", "code", "config_hash"))

@@ -127,7 +127,7 @@ def parse(name: str, raw: object) -> Suite:
             n = spec.get(d) if isinstance(spec, dict) and d != 1.0 else spec
             seeds[(method, float(d))] = default if n is None else _count(n, f"{where}: seeds of {method} at {d:g}")
     focus = raw.get("focus", compare.FOCUS)
-    if focus not in methods:
+    if "focus" in raw and focus not in methods:
         raise ConfigError(f"{where}: focus {focus!r} is not one of its methods")
     description = raw.get("description", "")
     return Suite(name, str(description), config, focus, tuple(float(d) for d in densities), seeds)
@@ -225,8 +225,8 @@ def run(
 
     def done(cell: Cell, error: BaseException | None) -> None:
         if error is None:
-            log(f"{names[cell]}: finished")
             suite_page.write(suite, paths, finished(suite, paths))
+            log(f"{names[cell]}: finished")
         elif isinstance(error, RuntimeError):  # a failed run (launch.RunFailed): the others go on
             failures.append(f"{cell.name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
             log(f"{names[cell]}: FAILED ({failures[-1]})")
@@ -291,19 +291,20 @@ def command(args: argparse.Namespace) -> int:
     if not cells:
         raise ConfigError(f"--methods, --densities and --seeds keep no cell of suite {suite.name}")
     have = finished(suite, paths)
-    todo = [] if args.report_only else [c for c in cells if c not in have]
-    if args.report_only and not have:
-        raise ConfigError(f"no finished cell of suite {suite.name} in {paths.cells}; run it without --report-only first")
-    configs_ = configs(suite, paths, todo)
-    for config in configs_.values():  # each cell's data, partition and density, before the first run
+    if args.report_only:
+        if not have:
+            raise ConfigError(f"no finished cell of suite {suite.name} in {paths.cells}; run it without --report-only first")
+        print(f"wrote {suite_page.write(suite, paths, have)}")
+        return 0
+    todo = configs(suite, paths, [c for c in cells if c not in have])
+    for config in todo.values():  # each cell's data, partition and density, before the first run
         preflight(config)
     print(f"suite {suite.name}: {len(cells) - len(todo)} of {len(cells)} cells finished; running {len(todo)}")
-    failures = run(suite, paths, configs_, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False),
+    failures = run(suite, paths, todo, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False),
                    args.jobs)
     final = finished(suite, paths)
     if final:  # also when nothing ran, so the page always matches the cells
-        suite_page.write(suite, paths, final)
-        print(f"wrote {paths.page}")
+        print(f"wrote {suite_page.write(suite, paths, final)}")
     for line in failures:
         print(f"fedtiny: run failed: {line}", file=sys.stderr)
     return EXIT_RUN_FAILED if failures else 0
