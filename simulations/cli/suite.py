@@ -238,10 +238,10 @@ def run(
             log(f"{names[cell]}: running")
             try:
                 run_cell(cell, config, paths, simulate, jobs)
+                error = None
             except RuntimeError as exc:
-                done(cell, exc)
-                continue
-            done(cell, None)
+                error = exc
+            done(cell, error)
         return failures
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running = {}
