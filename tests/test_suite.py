@@ -237,15 +237,35 @@ def test_jobs_run_cells_side_by_side_and_each_rewrites_the_page(tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in suite.SUITES_DIR.glob("*.yaml")))
-def test_committed_pages_are_what_their_cells_give(name):
+def test_committed_pages_are_what_their_cells_give(name, tmp_path):
     s = suite.load(name)
-    paths = suite.Paths(provenance.PROJECT_ROOT, name)
-    results = suite.finished(s, paths)
+    committed = suite.Paths(provenance.PROJECT_ROOT, name)
+    results = suite.finished(s, committed)
     if not results:
         pytest.skip(f"suite {name} has no committed cells")
-    assert suite_page.render(s, paths, results) == paths.page.read_text()
+    again = suite.Paths(tmp_path, name)
+    suite_page.write(s, again, results)
+    assert again.page.read_bytes() == committed.page.read_bytes()
+    for plot in again.plots.iterdir():
+        assert plot.read_bytes() == (committed.plots / plot.name).read_bytes(), plot.name
 
 
 def test_compare_needs_methods_or_a_suite(capsys):
     assert main(["compare", "--densities", "0.05"]) == 2
     assert capsys.readouterr().err == "fedtiny: give --methods (or --suite NAME)\n"
+
+
+def test_an_interrupt_with_jobs_stops_every_running_cell(tmp_path, monkeypatch):
+    s = suite.parse("tiny", yaml.safe_load(_suite_file(tmp_path, {"snip": 3}).read_text()))
+    paths = suite.Paths(tmp_path, "tiny")
+    stopped = []
+    monkeypatch.setattr(suite, "_stop_children", lambda: stopped.append(True))
+
+    def simulate(config, run_dir):
+        if config.seed == 1:
+            raise KeyboardInterrupt
+        return _fixture_metrics(0.5, "a")
+
+    with pytest.raises(KeyboardInterrupt):
+        suite.run(s, paths, suite.configs(s, paths, s.cells()), simulate, jobs=2, log=lambda line: None)
+    assert stopped == [True] and suite.read_cell(paths.cell(Cell("snip", 0.05, 1))) is None

@@ -46,7 +46,8 @@ def render(suite: Suite, paths: Paths, results: dict[Cell, dict]) -> str:
         f"(`--report-only` rewrites it without running anything): change the suite "
         f"(`simulations/suites/{suite.name}.yaml`) or the cells, never this page.\n",
         f"- Settings: `{suite.config}` merged onto `configs/default.yaml`, densities "
-        f"{', '.join(f'{d:g}' for d in suite.densities)} (dense FedAvg once per seed).\n"
+        f"{', '.join(f'{d:g}' for d in suite.densities)}"
+        f"{' (dense FedAvg once per seed)' if any(m == compare.DENSE for m, _ in suite.seeds) else ''}.\n"
         f"- Cells: {len(results)} of {len(suite.cells())} finished.\n",
         "## Accuracy, bytes, FLOPs and wall time\n",
         "Final test accuracy, mean ± sample std over seeds; federated accuracy is the final model's on the "
