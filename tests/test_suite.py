@@ -269,3 +269,11 @@ def test_an_interrupt_with_jobs_stops_every_running_cell(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         suite.run(s, paths, suite.configs(s, paths, s.cells()), simulate, jobs=2, log=lambda line: None)
     assert stopped == [True] and suite.read_cell(paths.cell(Cell("snip", 0.05, 1))) is None
+
+
+@pytest.mark.integration
+def test_a_suite_cell_runs_in_flower_simulation(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "ROOT", tmp_path / "root")
+    assert main(["compare", "--suite", str(_suite_file(tmp_path, {"fedavg": 1}))]) == 0
+    record = suite.read_cell(suite.Paths(tmp_path / "root", "tiny").cell(Cell("fedavg", 1.0, 0)))
+    assert record["summary"]["accuracy"] > 0 and PROVENANCE <= set(record["provenance"])
