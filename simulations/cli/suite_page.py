@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from simulations.cli.suite import Paths, Suite
 
 SHORT = 10  # hex digits of a commit shown
+DEFAULTS = "configs/default.yaml"  # what every config is merged onto (shared.config.load_config)
 
 
 def write(suite: Suite, paths: Paths, results: dict[Cell, dict]) -> Path:
@@ -45,7 +46,7 @@ def render(suite: Suite, paths: Paths, results: dict[Cell, dict]) -> str:
         f"Written by `fedtiny compare --suite {suite.name}` from the cell records in `{rel(paths.cells)}/` alone "
         f"(`--report-only` rewrites it without running anything): change the suite "
         f"(`simulations/suites/{suite.name}.yaml`) or the cells, never this page.\n",
-        f"- Settings: `{suite.config}` merged onto `configs/default.yaml`, densities "
+        f"- Settings: `{suite.config}`{'' if suite.config == DEFAULTS else f' merged onto `{DEFAULTS}`'}, densities "
         f"{', '.join(f'{d:g}' for d in suite.densities)}"
         f"{' (dense FedAvg once per seed)' if any(m == compare.DENSE for m, _ in suite.seeds) else ''}.\n"
         f"- Cells: {len(results)} of {len(suite.cells())} finished.\n",
