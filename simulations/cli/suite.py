@@ -110,11 +110,13 @@ def parse(name: str, raw: object) -> Suite:
         raise ConfigError(f"{where}: needs keys config, densities and methods (optional: description, focus, seeds); "
                           f"got {sorted(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__}")
     config = raw["config"]
-    if not isinstance(config, str) or not (provenance.PROJECT_ROOT / config).is_file():
+    root = provenance.PROJECT_ROOT.resolve()
+    if not isinstance(config, str) or not (root / config).resolve().is_relative_to(root) or not (root / config).is_file():
         raise ConfigError(f"{where}: config {config!r} is not a file under the project root")
     densities = raw["densities"]
     if not isinstance(densities, list) or not densities or not all(_density(d) for d in densities):
         raise ConfigError(f"{where}: densities must be a non-empty list of numbers in (0, 1]")
+    densities = list(dict.fromkeys(float(d) for d in densities))
     methods = raw["methods"]
     if not isinstance(methods, dict) or not methods:
         raise ConfigError(f"{where}: methods must map each method to its number of seeds")
@@ -123,14 +125,16 @@ def parse(name: str, raw: object) -> Suite:
     for method, spec in methods.items():
         if not isinstance(method, str) or not METHOD.fullmatch(method):
             raise ConfigError(f"{where}: method {method!r} is not a name ([A-Za-z0-9_.-])")
+        if isinstance(spec, dict) and not set(spec) <= set(densities):
+            raise ConfigError(f"{where}: seeds of {method} name densities {sorted(map(str, spec))} not all in {densities}")
         for d in [1.0] if method == compare.DENSE else densities:
             n = spec.get(d) if isinstance(spec, dict) and d != 1.0 else spec
-            seeds[(method, float(d))] = default if n is None else _count(n, f"{where}: seeds of {method} at {d:g}")
+            seeds[(method, d)] = default if n is None else _count(n, f"{where}: seeds of {method} at {d:g}")
     focus = raw.get("focus", compare.FOCUS)
     if "focus" in raw and focus not in methods:
         raise ConfigError(f"{where}: focus {focus!r} is not one of its methods")
     description = raw.get("description", "")
-    return Suite(name, str(description), config, focus, tuple(float(d) for d in densities), seeds)
+    return Suite(name, str(description), config, focus, tuple(densities), seeds)
 
 
 def _density(d: object) -> bool:
