@@ -7,7 +7,7 @@ round (FedTiny's progressive prune/grow, PruneFL's re-masking, ...).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -39,14 +39,27 @@ def train_message(ctx: RunContext, gm: GlobalModel, node: int, t: int, extra: di
     return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node, running_stats=False)})})
 
 
-def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[dict | None, str | None]:
+def same_masks(gm: GlobalModel, masks: dict) -> str | None:
+    """Why an update's masks are not the global masks (what every client trains on), or None."""
+    for name, mask in gm.masks.items():
+        if name not in masks:
+            return f"{name} arrived dense, without the global mask (density {mask.float().mean():.4f})"
+        if not torch.equal(masks[name], mask):
+            return f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
+    return None
+
+
+def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0,
+                 masks_rule: Callable[[GlobalModel, dict], str | None] = same_masks) -> tuple[dict | None, str | None]:
     """A client's update decoded against the global masks and the weights it was delta-coded
     against (the round's download), or the reason to reject it: (update, None) or (None, reason).
 
     Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf, negative
-    BN running variances, a mask other than the global one (values at pruned positions, wrong density);
-    the example count is checked before, in `Fleet.accepted`. With `max_norm` > 0 the update's distance
-    from the global model is clipped to that norm (bounding the influence of outliers). Pure: nothing is written.
+    BN running variances, masks that break `masks_rule` (by default a mask other than the global one:
+    values at pruned positions, wrong density; a method whose clients prune on their own gives its rule,
+    `Method.check_update_masks`); the example count is checked before, in `Fleet.accepted`. With
+    `max_norm` > 0 the update's distance from the global model is clipped to that norm (bounding the
+    influence of outliers). Pure: nothing is written.
     """
     try:
         blob = reply.content[p.PAYLOAD][p.UPDATE]
@@ -64,11 +77,9 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
         if name.endswith(RUNNING_VAR) and bool((value < 0).any()):
             return None, f"negative BN variance in {name}"
     tensors = {n: v.to(gm.state[n].dtype) for n, v in tensors.items()}
-    for name, mask in gm.masks.items():
-        if name not in masks:
-            return None, f"{name} arrived dense, without the global mask (density {mask.float().mean():.4f})"
-        if not torch.equal(masks[name], mask):
-            return None, f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
+    reason = masks_rule(gm, masks)
+    if reason:
+        return None, reason
     return (clip_update(gm.state, tensors, max_norm) if max_norm > 0 else tensors), None
 
 
@@ -92,7 +103,7 @@ def training_round(ctx: RunContext, method: Method, gm: GlobalModel, t: int, ext
     failing = failing_nodes(ctx, t, ctx.fleet.nodes)
     sampled, replies = ctx.fleet.round(
         k, p.TRAIN, lambda n: train_message(ctx, gm, n, t, extra, failing), ctx.draws(stream, t),
-        lambda r: check_update(gm, r, ctx.config.fl.max_update_norm),
+        lambda r: check_update(gm, r, ctx.config.fl.max_update_norm, method.check_update_masks),
     )
     for node in sampled:
         gm.forget(node)
@@ -102,8 +113,10 @@ def training_round(ctx: RunContext, method: Method, gm: GlobalModel, t: int, ext
     screened, reasons = screen_updates(gm.state, [r.decoded for r in replies], f.clip_multiple, f.reject_multiple)
     for r, update, reason in zip(replies, screened, reasons):
         r.decoded = update
+        reason = reason or (update is not None and method.check_reply(ctx, gm, r))
         if reason:
             ctx.fleet.reject(r.node_id, p.TRAIN, reason)
+            r.decoded = None
     replies = [r for r in replies if r.decoded is not None]
     gm.state = method.aggregate(ctx, gm, replies)
     ctx.dense_traffic(len(sampled), len(replies), gm.dense_bytes())

@@ -23,6 +23,7 @@ import torch
 
 from server.aggregate import combine
 from server.global_model import GlobalModel
+from server.loop import same_masks
 from shared.config import register_method
 from shared.data import batches
 from shared.partition import server_warmup_set
@@ -50,6 +51,9 @@ class TrainJob:
     batches: Callable[[int], Iterable]  # epoch -> the shuffled local batches of that epoch
     seed: int
     scratch: dict = field(default_factory=dict)  # the client half's own notes between its calls
+    # The masks the update travels on, sent with it (None: the global masks, which the server holds).
+    # Set by a client half whose clients prune their own model (SparsyFed); see `Method.check_update_masks`.
+    upload_masks: dict[str, torch.Tensor] | None = None
 
 
 class ClientHalf:
@@ -114,6 +118,16 @@ class Method:
         f = ctx.config.fl
         return combine([r.decoded for r in replies], ctx.weights(replies), gm.masks or None,
                        f.aggregator, f.trim_fraction)
+
+    def check_reply(self, ctx: RunContext, gm: GlobalModel, reply: Reply) -> str | None:
+        """Why a training reply's method payload is unusable, or None. Runs on every reply whose update
+        passed the shared checks, before `aggregate`: a rejected reply is logged, counted and not used."""
+        return None
+
+    def check_update_masks(self, gm: GlobalModel, masks: dict[str, torch.Tensor]) -> str | None:
+        """Why the masks an update arrived on are unacceptable, or None: by default they must be the
+        global masks. A method whose clients choose their own masks (`TrainJob.upload_masks`) overrides it."""
+        return same_masks(gm, masks)
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         """Runs after aggregation of round t (e.g. prune/grow)."""

@@ -30,7 +30,7 @@ from shared import codec, protocol as p
 from shared.batchnorm import load_stats, running_stat_names
 from shared.config import resolve
 from shared.pruning import ALLOCATIONS, SCORES
-from shared.pruning.prune_grow import RIGL, clip_to_median_peak, merge_sparse
+from shared.pruning.prune_grow import grow_from_client_topk
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
 from shared.training import TrainResult
 
@@ -146,9 +146,7 @@ class FedTiny(Method):
                 parts[name].append((idx, val))
         if senders == 0:
             return
-        grads = {n: merge_sparse(clip_to_median_peak(parts[n]), gm.state[n].shape, senders) for n in self.pending}
-        weights = {n: gm.state[n] for n in self.pending}
-        masks, new_weights = RIGL.update(weights, {n: gm.masks[n] for n in self.pending}, grads, self.pending)
+        masks, new_weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending, senders)
         gm.state.update(new_weights)
         gm.set_masks({**gm.masks, **masks})
         self.adjustments += 1
