@@ -55,6 +55,12 @@ def test_sparsyfed_starts_dense_and_is_at_the_exact_density_after_every_round(tm
     assert _kept(masks) == round(DENSITY * total)
 
 
+def test_sparsyfed_with_beta_one_regrows_weights_the_global_mask_had_pruned(tmp_path):
+    metrics, _ = _run(tmp_path, "sparsyfed", "sparsyfed.beta=1.0", "warmup.epochs=1")
+    assert _exact_every_round(metrics)
+    assert metrics["summary"]["aggregate_density"][1] > DENSITY + 1e-3  # the union of the clients' new masks
+
+
 def test_sparsyfed_clients_upload_their_own_masks_at_the_target_count(tmp_path):
     config = tiny_config(tmp_path, "method=sparsyfed")
     ctx = run_context(config, FakeGrid(config), tmp_path)

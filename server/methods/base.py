@@ -8,7 +8,9 @@ method") defines:
   `aggregate` (the round's new global state), `after_round` (e.g. prune/grow), `state_dict`;
 - optionally a `ClientHalf` subclass (the method's `client` attribute): what a client computes
   beyond masked training;
-- the checks of the replies its hooks read (a bad reply is rejected and logged, never used).
+- the checks of the replies its hooks read (`check_reply`, run on every reply before `aggregate`:
+  a bad reply is rejected and logged, never used), and `check_update_masks` when its clients upload
+  on masks of their own (`TrainJob.upload_masks`, SparsyFed) instead of the global ones.
 
 Discovery is automatic: every module of this package is imported (registering its method), and
 `method=package.module:Class` loads a user's method from a trusted package (`trusted=[package]`).

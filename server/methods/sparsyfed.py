@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.aggregate import combine
 from server.context import RunContext
 from server.global_model import GlobalModel
 from server.fleet import Reply
@@ -120,6 +121,12 @@ class SparsyFed(Method):
         if self.ctx.config.pruning.density >= 1.0:
             return super().check_update_masks(gm, masks)
         return check_client_masks(masks, self.names, self.dense, self.kept)
+
+    def aggregate(self, ctx: RunContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
+        """Every position averaged over all clients, zeros included (FedAvg of the zero-filled models):
+        a weight a client regrew (beta = 1) counts even where the global mask had pruned it."""
+        f = ctx.config.fl
+        return combine([r.decoded for r in replies], ctx.weights(replies), None, f.aggregator, f.trim_fraction)
 
     def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         """Prune the aggregate to exactly the target density by global magnitude."""
