@@ -158,3 +158,10 @@ def test_fedrts_refuses_indices_at_active_positions_or_beyond_k():
     assert "out of range" in check_topk_indices(reply({"w": [9]}), gm, {"w": 2})
     assert "not the adjusted layers" in check_topk_indices(reply({"v": [1]}), gm, {"w": 2})
     assert "no top-k" in check_topk_indices(Reply(1, RecordDict({p.PAYLOAD: ConfigRecord({})}), 0), gm, {"w": 2})
+
+
+def test_fedtiny_compare_accepts_the_three_methods():
+    from simulations.cli.compare import grid, method_overrides
+
+    assert [c.method for c in grid(["sparsyfed", "fedmef", "fedrts"], [0.01], [0])] == ["sparsyfed", "fedmef", "fedrts"]
+    assert method_overrides("fedrts") == ["method=fedrts"]
