@@ -16,8 +16,6 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from client.runtime import ClientRuntime
-from server.methods import TrainJob
-from server.methods import load as load_method
 from shared import codec, protocol as p
 from shared.batchnorm import (
     bn_stats_from_tensors, bn_stats_layout, bn_stats_to_tensors, load_stats, recalibrate, restart_running_stats,
@@ -25,6 +23,8 @@ from shared.batchnorm import (
     running_stats_for_upload,
 )
 from shared.device import to_cpu
+from shared.methods import TrainJob
+from shared.methods import load as load_method
 from shared.training import evaluate as evaluate_model
 from shared.training import local_scores, train_masked
 
@@ -95,13 +95,14 @@ def evaluate_candidates(rt: ClientRuntime, content: RecordDict, state: RecordDic
 
 def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDict:
     """Masked local training (pruned weights stay zero), plus what the method's client half adds
-    (`server.methods.base.ClientHalf`: FedTiny's top-k gradients, FedDST's readjustment, ...)."""
+    (`shared.methods.ClientHalf`: FedTiny's top-k gradients, FedDST's readjustment, ...)."""
     cfg = content[p.CONFIG]
     _fault_drill(rt, cfg.get(p.FAIL))
     model, masks = _load_model(rt, content[p.PAYLOAD][p.MODEL], state)
     half = load_method(rt.config.method, rt.config.trusted).client
     seed = int(cfg[p.SEED])
-    job = TrainJob(rt, cfg, model, masks, masks, rt.train_batches(seed), seed)
+    job = TrainJob(runtime=rt, config=cfg, model=model, masks=masks, local_masks=masks,
+                   batches=rt.train_batches(seed), seed=seed)
     half.before_training(job)
     restart_running_stats(model)  # the download has none; average this client's batches exactly
     f = rt.config.fl

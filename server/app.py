@@ -12,11 +12,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import loop
-from server.context import RunContext
 from server.fleet import Fleet
-from server import methods
 from server.recorder import PROGRESS_PREFIX, Recorder, plot, run_title
+from server.services import RunContext
 from server.tracking import open_tracker
+from shared import methods
 from shared import codec, rundir
 from shared.accounting import count_parameters, flops, model_size
 from shared.config import Config, from_flat, to_yaml

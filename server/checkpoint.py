@@ -3,7 +3,7 @@
 The weights and masks go to `checkpoint-<round>.ftc` (codec format), everything else
 (round, mask versions, the method's own state, metrics and byte totals) to
 `checkpoint.json`, written last and atomically, so a crash at any moment leaves a
-consistent pair. Client draws are keyed by (sampling seed, stream, round) (`server.context.Draw`)
+consistent pair. Client draws are keyed by (sampling seed, stream, round) (`shared.draws.Draw`)
 and client work is seeded from (sampling seed, round, partition), the sampling seed being
 `fl.sampling_seed` or `seed`, so a resumed run repeats exactly what the uninterrupted run would
 have done.
@@ -16,17 +16,17 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from server.context import RunContext
-from server.global_model import GlobalModel
+from server.context import RunState
 from server.recorder import RoundRecord
 from shared import codec, rundir
+from shared.global_model import GlobalModel
 from shared.pruning import density
 
 STATE_FILE = rundir.CHECKPOINT
 TOTALS = ("bytes_up", "bytes_down", "dense_bytes_up", "dense_bytes_down", "failures", "rejected")
 
 
-def save(ctx: RunContext, gm: GlobalModel, method, t: int) -> None:
+def save(ctx: RunState, gm: GlobalModel, method, t: int) -> None:
     out = ctx.output_dir
     weights = rundir.CHECKPOINT_WEIGHTS.format(round=t)
     codec.save(out / weights, gm.state, gm.masks or None)
@@ -55,7 +55,7 @@ class BadCheckpoint(ValueError):
     """A checkpoint that does not belong to this run's config and model (refused before anything is written)."""
 
 
-def restore(ctx: RunContext, method) -> tuple[GlobalModel, int]:
+def restore(ctx: RunState, method) -> tuple[GlobalModel, int]:
     """The global model and the last finished round; ctx and method continue from there.
 
     The checkpoint is hostile until checked (`check`): nothing of the run is overwritten before it is.

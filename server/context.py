@@ -1,53 +1,30 @@
-"""Everything a method needs during a run, built once from the validated config."""
+"""The run's server-side state, built once from the validated config: the config, fleet, data,
+recorder and byte totals, and the model helpers. `server.services.RunContext` adds the services
+that talk to clients; together they are what a method's hooks get (`shared.methods.MethodContext`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum, unique
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from server.aggregate import cap_weights
-from server.fleet import Fleet, Reply, Traffic
+from server.fleet import Fleet, Traffic
 from server.recorder import Recorder
+from shared.aggregate import cap_weights
 from shared.config import Config
 from shared.data import DataBundle, batches, to_tensor
 from shared.device import DeviceBatches, on_device, resolve
+from shared.draws import Draw, seed_sequence
+from shared.methods.api import Reply
 from shared.models import model_for, prunable_blocks
 from shared.pruning.params import prunable_names
 from shared.training import EvalResult, evaluate
 
 
-@unique
-class Draw(IntEnum):
-    """The run's independent random streams, each keyed by (seed, stream, key) (`seed_sequence`):
-    which clients round t samples depends on nothing else. So every method on one seed trains round
-    t on the same clients (a paired comparison, whatever search, score or BN rounds came before and
-    whatever retries failures caused), and a resumed run needs no generator state."""
-
-    TRAIN = 1
-    EVALUATE = 2
-    SCORES = 3
-    BN = 5
-    FAULTS = 7  # the fault drill's failing clients (simulation.fail_fraction)
-    SEARCH_PANEL = 17  # the held-out panel that scores every successive-halving stage
-    HALVING = 29  # successive halving's training rounds, the same for every candidate
-    CLIENT_SEEDS = 37  # each client's seed for its local work in a round (`RunContext.client_seed`)
-    THOMPSON = 41  # FedRTS's Thompson sampling of the new masks in an adjustment round
-
-
-def seed_sequence(seed: int, stream: Draw, *key: int) -> np.random.SeedSequence:
-    """The one seed sequence of `stream` at `key` in run `seed`. Streams and keys are a spawn key,
-    not more entropy words, so no two (stream, key) pairs share a sequence: with
-    `SeedSequence([seed, stream, round])` and `SeedSequence([seed, round, partition])`, training
-    round 7's draw and partition 7's seed in round 1 were one sequence."""
-    return np.random.SeedSequence(seed, spawn_key=(int(stream), *key))
-
-
 @dataclass
-class RunContext:
+class RunState:
     config: Config
     fleet: Fleet
     bundle: DataBundle
@@ -65,6 +42,9 @@ class RunContext:
     def __post_init__(self) -> None:
         self.device = resolve(self.config.device)
         self._test = None
+
+    def note(self, line: str) -> None:
+        self.recorder.note(line)
 
     def totals(self, traffic: Traffic) -> None:
         self.bytes_up += traffic.up

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 from server.replies import check_count, check_hello
 from shared import protocol as p
+from shared.methods.api import Reply
 
 log = logging.getLogger("fedtiny")
 MAX_RETRIES = 3
@@ -27,18 +28,6 @@ REGISTRATION_TIMEOUT_S = 600.0
 
 class NotEnoughReplies(RuntimeError):
     """A round did not get `fl.min_replies` of its sampled clients even after retries."""
-
-
-@dataclass
-class Reply:
-    node_id: int
-    content: RecordDict
-    bytes_up: int
-    decoded: Any = None  # what the round's check decoded from the payload, so it is decoded once
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.content[p.METRICS][p.NUM_EXAMPLES])
 
 
 @dataclass

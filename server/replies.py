@@ -6,8 +6,8 @@ other replies. Counts are positive integers no larger than what the node holds (
 in a simulation with virtual partitions what the server knows each partition holds), so no client can
 outweigh its data; losses, variances and scores are finite and >= 0 where they must be.
 
-Method-specific replies are checked in their method's module (FedTiny's `check_topk`, FedDST's
-`check_mask_changes`, PruneFL's `check_sq_grads`); the training update in `server.loop.check_update`.
+A training reply's update is checked in `server.rounds.check_update`, its method-specific payload by
+the method's `check_reply` (`shared.methods`), both before anything of it is used.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from shared import codec, protocol as p
 from shared.batchnorm import BNStats, bn_stats_from_tensors
 
-if TYPE_CHECKING:  # the fleet imports these checks
-    from server.fleet import Reply
+if TYPE_CHECKING:
+    from shared.methods.api import Reply
 
 Checked = tuple[Any, str | None]
 

@@ -5,8 +5,8 @@ Config flows one way. Entry points (the CLI, the ServerApp, the ClientApp) call
 Errors are `ConfigError` with one line naming the key and what to do.
 
 The core sections are fixed; every method adds its own settings section (`fedtiny:`,
-`feddst:`, ...), a dataclass registered with `register_section` by the method's module
-(server.methods). A config carries every registered section, so one file can set several
+`feddst:`, ...), a dataclass registered with `register_method` by the method's module
+(`shared.methods`). A config carries every registered section, so one file can set several
 methods' settings (e.g. for `fedtiny compare`).
 """
 
@@ -26,9 +26,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
+BUILTIN_METHODS = "shared.methods"  # importing this package registers the built-in methods and their sections
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
-AGGREGATORS = ("trimmed-mean", "mean", "median")  # fl.aggregator (server.aggregate)
 MAX_WIDTH = 16.0  # model.width: 16x the channels is already ~256x the weights
 MAX_CPUS = 4096  # simulation.num_cpus: logical CPUs Ray may schedule on (spare actors for stragglers included)
 ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search")  # client.attacks
@@ -80,7 +79,7 @@ class FLConfig:
     # data, partition, initial model and candidate masks and replays the run under other client samples:
     # a replicate, to tell a method's effect from the spread of client sampling on one seed.
     sampling_seed: int = -1
-    # Robust aggregation (server.aggregate): each update's distance from the global model is clipped to
+    # Robust aggregation (shared.aggregate): each update's distance from the global model is clipped to
     # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
     # the round (0: off); aggregator trimmed-mean (per coordinate the extreme clients left out, the rest
     # sample-weighted) | mean (FedAvg) | median (coordinate-wise).
@@ -126,7 +125,7 @@ SECTIONS: dict[str, type] = {}  # method settings: section name -> dataclass wit
 
 
 def register_method(name: str, section: str | None = None, settings: type | None = None) -> None:
-    """Record a method's name and its settings section; server.methods' `register` calls this.
+    """Record a method's name and its settings section; `shared.methods.register` calls this.
 
     A settings dataclass may define `validate(self, config, check)`, called with the whole config
     and `check(ok, dotted_key, why)`, to reject impossible values in one line.
@@ -254,7 +253,7 @@ def _walk(config: Config) -> Iterator[tuple[str, Any]]:
         yield from walk(f"{name}.", section)
 
 
-USER_SECTIONS = "user_sections"  # flat key: JSON of the sections of methods outside server.methods
+USER_SECTIONS = "user_sections"  # flat key: JSON of the sections of methods outside shared.methods
 
 
 def _builtin(settings: type) -> bool:
@@ -411,7 +410,6 @@ def validate(c: Config) -> None:
           "must be 0 (off) or at least fl.clip_multiple (and >= 1)")
     check(c.fl.max_weight_share == 0 or 1 / c.fl.clients_per_round <= c.fl.max_weight_share <= 1,
           "fl.max_weight_share", "must be 0 (off) or in [1 / fl.clients_per_round, 1]")
-    check(c.fl.aggregator in AGGREGATORS, "fl.aggregator", f"must be one of {', '.join(AGGREGATORS)}")
     check(0 <= c.fl.trim_fraction < 0.5, "fl.trim_fraction", "must be in [0, 0.5)")
     check(c.warmup.epochs >= 0, "warmup.epochs", "must be >= 0")
     check(c.warmup.shots >= 1, "warmup.shots", "must be >= 1")
@@ -450,10 +448,12 @@ def _check_device(c: Config, check) -> None:
 
 def _check_names(c: Config) -> None:
     """Names that registries resolve are checked here so a typo fails before any work starts."""
+    from shared.aggregate import AGGREGATORS
     from shared.training import LR_SCHEDULES
 
     if c.fl.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(f"config key 'fl.lr_schedule': unknown schedule {c.fl.lr_schedule!r}; known: {', '.join(LR_SCHEDULES.names())}")
+    resolve(AGGREGATORS, c.fl.aggregator, "fl.aggregator", c)
 
 
 def resolve(registry, name: str, key: str, c: Config) -> None:

@@ -1,4 +1,4 @@
-"""A worked example of a federated pruning method in one file (README "Write your own method").
+"""A worked example of a federated pruning method in one file (docs/own-method.md, which shows this file).
 
 Magnitude pruning with random regrowth (SET-style: Mocanu et al., "Scalable training of artificial
 neural networks with adaptive sparse connectivity", Nature Communications 2018, arXiv 1707.04780),
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from server.methods import ClientHalf, Method, TrainJob
-from shared import codec, protocol as p
+from shared.methods import ClientHalf, Method, TrainJob
+from shared import codec
 from shared.pruning.prune_grow import DropGrow
 
 MOVED = "moved"  # payload key of the client half: codec tensors, per layer the L2 norm of the local change
@@ -78,25 +78,31 @@ class RandomRegrowth(Method):
     Settings = RegrowSettings
     client = RegrowClient()
 
-    def prepare(self, ctx):
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.adjusting = False
         self.regrown: list[str] = []
+
+    def prepare(self, ctx):
         return self.pruned_at_start(ctx, "magnitude", "global")
 
     def round_config(self, ctx, gm, t):
         self.adjusting = bool(gm.masks) and t % self.settings.interval == 0
         return {ADJUST: True} if self.adjusting else {}
 
-    def after_round(self, ctx, gm, t, replies):
+    def check_reply(self, ctx, gm, reply):
         if not self.adjusting:
+            return None
+        vote = check_moved(reply.payload(MOVED), gm.masks)
+        if isinstance(vote, str):
+            return vote  # the reply is rejected: neither aggregated nor seen by after_round
+        reply.extras[MOVED] = vote
+        return None
+
+    def after_round(self, ctx, gm, t, replies):
+        if not (self.adjusting and replies):
             return
-        votes = [check_moved(r.content[p.PAYLOAD].get(MOVED), gm.masks) for r in replies]
-        for r, vote in zip(replies, votes):
-            if isinstance(vote, str):
-                ctx.fleet.reject(r.node_id, p.TRAIN, vote)
-        votes = [v for v in votes if not isinstance(v, str)]
-        if not votes:
-            return
-        layer = max(gm.masks, key=lambda n: sum(v[n] for v in votes))
+        layer = max(gm.masks, key=lambda n: sum(r.extras[MOVED][n] for r in replies))
         k = math.ceil(self.settings.fraction * int(gm.masks[layer].sum()))
         updater = RandomGrow(ctx.config.seed * 1000 + t)
         masks, weights = updater.update(gm.state, gm.masks, gm.state, {layer: k})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.context import RunContext
+from server.services import RunContext
 from server.fleet import Fleet
 from server.recorder import Recorder
 from shared.config import Config, load_config

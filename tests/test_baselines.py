@@ -11,13 +11,14 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fake_grid import FakeGrid
 from helpers import run_context, tiny_config
 from server.app import run
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.loop import run_training, training_round
-from server.methods import METHODS
-from server.methods.feddst import global_masks_from, local_masks, mask_changes
-from server.methods.imp import prune_rounds
-from server.methods.prunefl import REMASK
+from shared.methods import Reply
+from shared.global_model import GlobalModel
+from server.loop import run_training
+from server.rounds import training_round
+from shared.methods import METHODS
+from shared.methods.feddst import global_masks_from, local_masks, mask_changes
+from shared.methods.imp import prune_rounds
+from shared.methods.prunefl import REMASK
 from shared import codec, protocol as p
 from shared.pruning import masks_from_scores
 
@@ -124,6 +125,7 @@ def test_feddst_averages_each_weight_over_the_clients_that_keep_it(tmp_path):
     gm = GlobalModel({"w": torch.tensor([8.0, 1.0, 0.0, 0.0]), "b": torch.zeros(1)}, start)  # grows up to |8| are not clipped
     a = _reply(1, start, {"w": torch.tensor([2.0, 0.0, 6.0, 0.0]), "b": torch.tensor([1.0])}, {"w": torch.tensor([True, False, True, False])}, 1)
     b = _reply(2, start, {"w": torch.tensor([4.0, 0.5, 0.0, 0.0]), "b": torch.tensor([4.0])}, start, 3)
+    assert method.check_reply(ctx, gm, a) is None and method.check_reply(ctx, gm, b) is None
     gm.state = method.aggregate(ctx, gm, [a, b])
     method.after_round(ctx, gm, 1, [a, b])
     # position 0: both keep it (2*1 + 4*3)/4; position 1 only b: 0.5; position 2 only a: 6 (not 6/4)
@@ -209,7 +211,7 @@ def test_the_centralized_ceiling_trains_on_every_clients_data_and_prunes_to_the_
 def test_the_centralized_example_budget_is_the_federated_runs():
     from types import SimpleNamespace
 
-    from server.methods.centralized import example_passes
+    from shared.methods.centralized import example_passes
     from shared.config import load_config
 
     config = load_config(overrides=["fl.rounds=10", "fl.num_clients=20", "fl.clients_per_round=5", "fl.local_epochs=2"])
@@ -217,7 +219,7 @@ def test_the_centralized_example_budget_is_the_federated_runs():
 
 
 def test_prunefl_rejects_squared_gradients_that_are_negative_or_misshapen():
-    from server.methods.prunefl import check_sq_grads
+    from shared.methods.prunefl import check_sq_grads
 
     gm = GlobalModel({"w": torch.ones(4)}, {"w": torch.tensor([True, False, True, False])})
 

@@ -8,9 +8,9 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fake_grid import FakeGrid
 from helpers import run_context, tiny_config
-from server.global_model import GlobalModel
-from server.loop import check_update, train_message
-from server.policy_search import candidate_payload
+from shared.global_model import GlobalModel
+from server.rounds import check_update, train_message
+from server.queries import candidate_payload
 from shared import codec, protocol as p
 from shared.batchnorm import bn_stats_from_tensors, pool_stats, bn_stats_to_tensors
 from shared.pruning import compute_masks

@@ -15,9 +15,9 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.loop import check_update
+from shared.methods import Reply
+from shared.global_model import GlobalModel
+from server.rounds import check_update
 from shared import codec, protocol as p
 from simulations import fuzz_codec
 

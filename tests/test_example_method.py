@@ -8,8 +8,8 @@ import torch
 from example_method import RandomRegrowth, check_moved
 from fake_grid import FakeGrid
 from helpers import run_context, tiny_config
-from server import methods
 from server.loop import run_training
+from shared import methods
 from shared.config import ConfigError, from_flat, to_flat
 
 SPEC = "example_method:RandomRegrowth"

@@ -18,10 +18,10 @@ from fake_grid import FakeGrid
 from helpers import ROOT, tiny_config
 from server.app import run
 from server.fleet import Fleet, Reply
-from server.global_model import GlobalModel
-from server.aggregate import clip_update
-from server.loop import check_update
-from server.methods.fedtiny import check_topk
+from shared.global_model import GlobalModel
+from shared.aggregate import clip_update
+from server.rounds import check_update
+from shared.methods.fedtiny import check_topk
 from shared import codec, protocol as p
 
 

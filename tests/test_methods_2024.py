@@ -1,5 +1,6 @@
 """SparsyFed, FedMef and FedRTS: 2-round runs on the in-process grid (the real ClientApp handlers),
-exact density after every round, sparse uploads, their reply checks and an exact resume."""
+exact density after every round, sparse uploads, their reply checks, and the FedRTS posterior in a
+checkpoint (test_resume_methods resumes each one bit for bit)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from flwr.app import ConfigRecord, RecordDict
 from fake_grid import FakeGrid
 from helpers import run_context, tiny_config
 from server.app import run
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.loop import training_round
-from server.methods import METHODS
-from server.methods.fedrts import check_topk_indices
-from server.methods.sparsyfed import check_client_masks
+from server.rounds import training_round
+from shared.global_model import GlobalModel
+from shared.methods import METHODS, Reply
+from shared.methods.fedrts import check_topk_indices
+from shared.methods.sparsyfed import check_client_masks
 from shared import codec, protocol as p
 
 DENSITY = 0.05
@@ -125,23 +125,6 @@ def test_fedrts_posterior_survives_a_checkpoint_exactly(tmp_path):
     bad = codec.encode({f"alpha:{name}": torch.ones(3)})
     with pytest.raises(ValueError):
         other.load_state_dict({**state, "posterior": base64.b64encode(bad).decode()})
-
-
-def test_a_resumed_fedrts_run_repeats_the_uninterrupted_one(tmp_path):
-    settings = [f"fedrts.{o}" for o in ADJUST_EVERY_ROUND]
-    full_config = tiny_config(tmp_path / "full", "method=fedrts", "fl.rounds=3", *settings)
-    full = run(FakeGrid(full_config), full_config)
-    crashed = tiny_config(tmp_path / "crash", "method=fedrts", "fl.rounds=3", *settings)
-    trains = iter(range(100))
-    with pytest.raises(Exception):
-        run(FakeGrid(crashed, drop=lambda n, t: t == p.TRAIN and next(trains) >= 4), crashed)  # round 3 never answers
-    resumed_config = tiny_config(tmp_path / "crash", "method=fedrts", "fl.rounds=3", "resume=true", *settings)
-    resumed = run(FakeGrid(resumed_config), resumed_config)
-    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, resumed))
-    assert [r["accuracy"] for r in a["rounds"]] == [r["accuracy"] for r in b["rounds"]]
-    assert a["summary"]["changed"] == b["summary"]["changed"]
-    (wa, ma), (wb, mb) = codec.load(full / "model.ftc"), codec.load(resumed / "model.ftc")
-    assert all(torch.equal(ma[n], mb[n]) for n in ma) and all(torch.equal(wa[n], wb[n]) for n in wa)
 
 
 def test_fedrts_refuses_indices_at_active_positions_or_beyond_k():

@@ -10,7 +10,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from helpers import tiny_config
 from server import replies
-from server.aggregate import (
+from shared.aggregate import (
     cap_weights, clip_bn_stats, clip_to_mad, combine, robust_mean_loss, robust_scores, screen_updates, weighted_average,
 )
 from server.fleet import Fleet, Reply

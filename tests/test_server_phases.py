@@ -10,14 +10,15 @@ import torch
 
 from fake_grid import FakeGrid
 from helpers import run_context, tiny_config
-from server import policy_search, replies
-from server.aggregate import weighted_average
+from server import replies
+from shared.aggregate import weighted_average
 from server.app import run
-from server.context import Draw, seed_sequence
+from shared.draws import Draw, seed_sequence
 from server.fleet import NotEnoughReplies
-from server.global_model import GlobalModel
-from server.loop import run_training, training_round
-from server.methods import METHODS, Method
+from shared.global_model import GlobalModel
+from server.loop import run_training
+from server.rounds import training_round
+from shared.methods import METHODS, Method, fedtiny
 from shared import codec, protocol as p
 from shared.batchnorm import pool_stats, recalibrate
 from shared.data import batches
@@ -50,7 +51,7 @@ def test_policy_search_selects_the_lowest_pooled_loss(tmp_path):
     config = tiny_config(tmp_path)
     ctx = run_context(config, FakeGrid(config), tmp_path)
     model = ctx.new_model()
-    best, candidates = policy_search.search(ctx, model)
+    best, candidates = fedtiny.search(ctx, model, config.fedtiny)
     assert len(candidates) == 4  # 2 allocations x 2 scores (snip computed by clients)
     assert best.loss == min(c.loss for c in candidates)
     assert density(best.masks) == pytest.approx(0.05, abs=1e-4)
@@ -62,7 +63,7 @@ def test_without_abns_the_first_candidate_is_taken_without_client_evaluation(tmp
     config = tiny_config(tmp_path, "fedtiny.abns=false", "fedtiny.scores=[magnitude]")
     grid = FakeGrid(config)
     ctx = run_context(config, grid, tmp_path)
-    best, candidates = policy_search.search(ctx, ctx.new_model())
+    best, candidates = fedtiny.search(ctx, ctx.new_model(), config.fedtiny)
     assert best is candidates[0] and best.loss is None
     assert not any(m.metadata.message_type in (p.BN, p.CANDIDATES) for m in grid.sent)
 
@@ -160,9 +161,9 @@ def test_eval_every_skips_central_evaluation_but_never_the_last_round(tmp_path):
 
 
 def test_successive_halving_keeps_the_lower_half_and_ranks_nan_last():
-    assert policy_search.halving_order([2.3, 0.7, float("nan"), 1.1, 0.7]) == [1, 4, 3]
-    assert policy_search.halving_order([5.0]) == [0]
-    assert policy_search.halving_order([1.0, 1.0, 0.5, 2.0], keep=1.0) == [2, 0, 1, 3]
+    assert fedtiny.halving_order([2.3, 0.7, float("nan"), 1.1, 0.7]) == [1, 4, 3]
+    assert fedtiny.halving_order([5.0]) == [0]
+    assert fedtiny.halving_order([1.0, 1.0, 0.5, 2.0], keep=1.0) == [2, 0, 1, 3]
 
 
 def test_successive_halving_trains_candidates_and_picks_the_lowest_held_out_loss(tmp_path):
@@ -170,7 +171,7 @@ def test_successive_halving_trains_candidates_and_picks_the_lowest_held_out_loss
                          "fedtiny.allocations=[uniform-noise,global,erk]")
     ctx = run_context(config, FakeGrid(config), tmp_path)
     dense = (ctx.dense_bytes_up, ctx.dense_bytes_down)
-    best, candidates = policy_search.search(ctx, ctx.new_model(), METHODS.get("fedtiny")(ctx))
+    best, candidates = fedtiny.search(ctx, ctx.new_model(), config.fedtiny, METHODS.get("fedtiny")(ctx))
     stages = {c.name: c.stages for c in candidates}
     assert len(candidates) == 3 and [len(s) for s in stages.values()].count(2) == 2  # 3 -> 2 -> 1
     finalists = [c for c in candidates if len(c.stages) == 2]
@@ -184,11 +185,11 @@ def test_successive_halving_multiplies_each_stages_rounds_by_the_growth(tmp_path
                          "fedtiny.allocations=[uniform-noise,global,erk,lamp]")
     ctx = run_context(config, FakeGrid(config), tmp_path)
     trained: dict[int, list[int]] = {}
-    monkeypatch.setattr(policy_search.loop, "training_round",
-                        lambda ctx, method, gm, t, extra, stream: trained.setdefault(id(gm), []).append(t))
-    candidates = policy_search.build_candidates(ctx, ctx.new_model())
+    monkeypatch.setattr(ctx, "training_round",
+                        lambda method, gm, t, extra, stream, reference: trained.setdefault(id(gm), []).append(t))
+    candidates = fedtiny.build_candidates(ctx, ctx.new_model(), config.fedtiny)
     assert len(candidates) == 4
-    policy_search.halving(ctx, METHODS.get("fedtiny")(ctx), ctx.new_model(), candidates)
+    fedtiny.halving(ctx, METHODS.get("fedtiny")(ctx), ctx.new_model(), candidates, config.fedtiny)
     rounds = sorted(trained.values(), key=len)
     assert rounds == [[1], [1], [1, 2, 3], [1, 2, 3]]  # 4 -> 2 -> 1: a stage of 1 round, then one of 2
 
@@ -196,7 +197,7 @@ def test_successive_halving_multiplies_each_stages_rounds_by_the_growth(tmp_path
 def test_client_scores_reject_a_reply_with_non_finite_or_misshapen_scores():
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    from server.fleet import Reply
+    from shared.methods import Reply
 
     def reply(scores, n=5):
         content = RecordDict()

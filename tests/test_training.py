@@ -236,8 +236,8 @@ def test_cosine_lr_starts_at_lr_decays_every_round_and_stays_positive():
 def test_the_training_message_carries_the_scheduled_lr(tmp_path):
     from fake_grid import FakeGrid
     from helpers import run_context, tiny_config
-    from server.global_model import GlobalModel
-    from server.loop import train_message
+    from shared.global_model import GlobalModel
+    from server.rounds import train_message
 
     config = tiny_config(tmp_path, "fl.rounds=10", "fl.lr=0.1")
     ctx = run_context(config, FakeGrid(config), tmp_path)

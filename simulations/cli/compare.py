@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from shared import rundir
-from server.methods import METHODS
+from shared.methods import METHODS
 from shared.config import Config, ConfigError, load_config
 from simulations.cli import paired
 from simulations.cli.common import EXIT_RUN_FAILED, preflight

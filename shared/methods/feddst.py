@@ -15,8 +15,8 @@ Learning Better", AAAI 2022, https://arxiv.org/abs/2112.09824. Here:
   holds: a locally dropped weight reads 0 there) plus its mask changes as sparse (index, value)
   pairs under ``mask-changes``: a flip at a kept position is a drop, at a pruned position a grow with
   its trained value; O(changes) extra bytes instead of a whole mask. FedDST checks them on its
-  own (`local_masks`), then averages each position over the clients that keep it
-  (`server.aggregate.mask_weighted_average`, sample-weighted) and re-derives the global mask:
+  own before the round's aggregation (`check_reply`, `local_masks`), then averages each position over
+  the clients that keep it (`shared.aggregate.mask_weighted_average`, sample-weighted) and re-derives the global mask:
   per layer, the top nnz_l aggregated weights by magnitude, so layer counts and the density
   stay exact.
 Other rounds are masked FedAvg. Client config keys: ``dst-fraction`` (alpha_t) and
@@ -30,11 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from server.aggregate import mask_weighted_average
-from server.context import RunContext
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.methods.base import ClientHalf, Method, TrainJob, register
+from shared.aggregate import mask_weighted_average
+from shared.global_model import GlobalModel
+from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJob
+from shared.methods.registry import register
 from shared import codec, protocol as p
 from shared.pruning import keep_top
 from shared.pruning.prune_grow import RIGL
@@ -150,17 +149,17 @@ class FedDST(Method):
     Settings = FedDSTSettings
     client = FedDSTClient()
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.readjusting = False
         self.limits: dict[str, int] | None = None  # mask changes per layer a client may make this round
-        self.client_masks: list[Tensors] = []
+        self.client_masks: list[Tensors] = []  # the accepted clients' masks of a readjustment round
         self.t_end = max(1, ctx.config.fl.rounds // 2)
 
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         return self.pruned_at_start(ctx, "magnitude", "erk")
 
-    def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
+    def round_config(self, ctx: MethodContext, gm: GlobalModel, t: int) -> dict:
         s = self.settings
         fraction = cosine_fraction(s.alpha, t - 1, self.t_end)
         self.readjusting = bool(gm.masks) and (t - 1) % s.interval == 0 and fraction > 0
@@ -170,42 +169,51 @@ class FedDST(Method):
         self.limits = adjust_counts(gm.masks, sparse, fraction)
         return {p.DST_FRACTION: fraction, p.DST_BATCHES: s.batches}
 
-    def aggregate(self, ctx: RunContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
-        """In readjustment rounds, each position averaged over the clients that keep it (mask-weighted)."""
-        self.client_masks = []
+    def check_reply(self, ctx: MethodContext, gm: GlobalModel, reply: Reply) -> str | None:
+        """In readjustment rounds, the client's mask changes must be a valid readjustment
+        (`check_mask_changes`); they are kept, decoded, for `aggregate`."""
+        if not self.readjusting:
+            return None
+        got = check_mask_changes(reply, gm, self.limits)
+        if isinstance(got, str):
+            return f"feddst mask changes: {got}"
+        reply.extras[p.MASK_CHANGES] = got
+        return None
+
+    def aggregate(self, ctx: MethodContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
+        """In readjustment rounds, each position averaged over the clients that keep it (mask-weighted),
+        each client's sparse state its screened update with its mask changes applied."""
         if not self.readjusting:
             return super().aggregate(ctx, gm, replies)
-        states, senders = [], []
-        for r in replies:
-            got = check_mask_changes(r, gm, self.limits)
-            if isinstance(got, str):
-                ctx.fleet.reject(r.node_id, p.TRAIN, f"feddst mask changes: {got}")
-                continue
-            self.client_masks.append(got[0])
-            states.append(got[1])
-            senders.append(r)
-        if not states:
-            return super().aggregate(ctx, gm, replies)
-        return mask_weighted_average(states, self.client_masks, ctx.weights(senders))
+        bounds = grow_bounds(gm)
+        local = [local_masks(gm.masks, r.decoded, r.extras[p.MASK_CHANGES], self.limits, bounds) for r in replies]
+        self.client_masks = [m for m, _ in local]
+        return mask_weighted_average([s for _, s in local], self.client_masks, ctx.weights(replies))
 
-    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
-        if not self.client_masks:
+    def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+        if not (self.readjusting and replies):
             return
         counts = {n: int(m.sum()) for n, m in gm.masks.items()}
         changed = gm.set_masks(global_masks_from(gm.state, self.client_masks, counts))
-        ctx.recorder.note(f"feddst: round {t} readjusted, {len(changed)} layers changed their global mask")
+        ctx.note(f"feddst: round {t} readjusted, {len(changed)} layers changed their global mask")
 
     def phase(self, t: int) -> str:
         return "adjust" if self.readjusting else "train"
 
 
-def check_mask_changes(reply: Reply, gm: GlobalModel, limits: dict[str, int] | None = None) -> tuple[Tensors, Tensors] | str:
-    """A client's masks and sparse state from its update and mask changes, or why they are unusable."""
-    blob = reply.content[p.PAYLOAD].get(p.MASK_CHANGES)
+def grow_bounds(gm: GlobalModel) -> dict[str, float]:
+    """Per masked layer, the largest |weight| the global layer keeps: the bound of a grown value."""
+    return {n: float(gm.state[n].abs().max()) for n in gm.masks}
+
+
+def check_mask_changes(reply: Reply, gm: GlobalModel, limits: dict[str, int] | None = None) -> dict | str:
+    """A client's decoded mask changes, or why they are unusable: decodable within the global masks'
+    shapes and a valid readjustment of them (`local_masks` on the reply's update)."""
+    blob = reply.payload(p.MASK_CHANGES)
     try:
         expected = {n: tuple(m.shape) for n, m in gm.masks.items()}
         changes = codec.decode_sparse(blob, expected=expected) if blob is not None else {}
     except ValueError as exc:
         return f"undecodable mask changes ({exc})"
-    bounds = {n: float(gm.state[n].abs().max()) for n in gm.masks}
-    return local_masks(gm.masks, reply.decoded, changes, limits, bounds)
+    got = local_masks(gm.masks, reply.decoded, changes, limits, grow_bounds(gm))
+    return got if isinstance(got, str) else changes

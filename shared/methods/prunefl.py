@@ -28,11 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
-from server.aggregate import robust_scores
-from server.context import RunContext
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.methods.base import ClientHalf, Method, TrainJob, register
+from shared.aggregate import robust_scores
+from shared.global_model import GlobalModel
+from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJob
+from shared.methods.registry import register
 from shared import codec, protocol as p
 from shared.pruning import compute_masks
 from shared.pruning.prune_grow import DropGrow
@@ -91,54 +90,59 @@ class PruneFL(Method):
     Settings = PruneFLSettings
     client = PruneFLClient()
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.remaskings = 0
         self.asked = False
+        self.dense: list[str] = []
 
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         model = self.initial_model(ctx)
         c = ctx.config
-        if c.pruning.density >= 1.0:
-            return GlobalModel(model.state_dict())
         self.dense = ctx.dense_layers(model)
         masks = compute_masks(model, c.pruning.density, "magnitude", "global", seed=c.seed, keep_dense=self.dense)
         return GlobalModel(model.state_dict(), masks)
 
-    def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
+    def round_config(self, ctx: MethodContext, gm: GlobalModel, t: int) -> dict:
         self.asked = bool(gm.masks) and t % self.settings.interval == 0 and t < ctx.config.fl.rounds
         return {p.SEND_SQ_GRADS: True} if self.asked else {}
 
-    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+    def check_reply(self, ctx: MethodContext, gm: GlobalModel, reply: Reply) -> str | None:
         if not self.asked:
+            return None
+        got = check_sq_grads(reply, gm)
+        if isinstance(got, str):
+            return f"prunefl: {got}"
+        reply.extras[p.SQ_GRADS] = got
+        return None
+
+    def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+        if not (self.asked and replies):
             return
-        scores, senders = [], []
-        for r in replies:
-            got = check_sq_grads(r, gm)
-            if isinstance(got, str):
-                ctx.fleet.reject(r.node_id, p.TRAIN, f"prunefl: {got}")
-                continue
-            scores.append(got)
-            senders.append(r)
-        if not scores:
-            return
-        importance = robust_scores(scores, ctx.weights(senders))
+        importance = robust_scores([r.extras[p.SQ_GRADS] for r in replies], ctx.weights(replies))
         fraction = self.settings.max_change * 0.5**self.remaskings
         sparse = [n for n in gm.masks if n not in self.dense]
         counts = {n: math.ceil(fraction * int(gm.masks[n].sum())) for n in sparse}
         new, _ = REMASK.update(gm.state, gm.masks, importance, counts)
         changed = gm.set_masks(new)
         self.remaskings += 1
-        ctx.recorder.note(f"prunefl: round {t} re-masked {len(changed)} layers from squared gradients")
+        ctx.note(f"prunefl: round {t} re-masked {len(changed)} layers from squared gradients")
 
     def phase(self, t: int) -> str:
         return "adjust" if self.asked else "train"
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "remaskings": self.remaskings, "dense": self.dense}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.remaskings, self.dense = state["remaskings"], state["dense"]
 
 
 def check_sq_grads(reply: Reply, gm: GlobalModel) -> Tensors | str:
     """A client's squared gradients, or why they are unusable: one finite, non-negative dense tensor
     per masked layer, shaped like it (decoding bounded by that size)."""
-    blob = reply.content[p.PAYLOAD].get(p.SQ_GRADS)
+    blob = reply.payload(p.SQ_GRADS)
     if blob is None:
         return "no squared gradients"
     try:
@@ -152,10 +156,3 @@ def check_sq_grads(reply: Reply, gm: GlobalModel) -> Tensors | str:
         if g.shape != gm.masks[n].shape or not g.is_floating_point() or not torch.isfinite(g).all() or (g < 0).any():
             return f"squared gradients of {n} must be finite, >= 0 and shaped {tuple(gm.masks[n].shape)}"
     return grads
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "remaskings": self.remaskings, "dense": getattr(self, "dense", [])}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.remaskings, self.dense = state["remaskings"], state["dense"]

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from server.context import RunContext
-from server.global_model import GlobalModel
-from server.methods.base import Method, register
+from shared.global_model import GlobalModel
+from shared.methods.api import Method, MethodContext
+from shared.methods.registry import register
 from shared.data import to_tensor
 from shared.device import DeviceBatches, on_device, to_cpu
 from shared.partition import every_client_data
@@ -46,13 +46,13 @@ class CentralizedSettings:
         check(self.prune_every >= 1, "centralized.prune_every", "must be >= 1")
 
 
-def union_of_clients(ctx: RunContext) -> tuple[np.ndarray, np.ndarray]:
+def union_of_clients(ctx: MethodContext) -> tuple[np.ndarray, np.ndarray]:
     """Every client's training split (holdouts excluded), concatenated in partition order."""
     parts = every_client_data(ctx.bundle, ctx.config)
     return np.concatenate([p.x_train for p in parts]), np.concatenate([p.y_train for p in parts])
 
 
-def example_passes(ctx: RunContext, num_examples: int) -> int:
+def example_passes(ctx: MethodContext, num_examples: int) -> int:
     """Examples the federated run trains on: rounds x clients per round x local epochs x mean client size."""
     f = ctx.config.fl
     return round(f.rounds * f.clients_per_round * f.local_epochs * num_examples / f.num_clients)
@@ -63,16 +63,16 @@ class Centralized(Method):
     Settings = CentralizedSettings
     federated = False
 
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         model = self.initial_model(ctx).to(ctx.device)
         x, y = union_of_clients(ctx)
         masks = self.train_and_prune(ctx, model, x, y)
         model.to("cpu")
         masks = to_cpu(masks) if masks else None
-        ctx.recorder.note(f"centralized: trained on the union of {len(y)} client examples, density {ctx.config.pruning.density}")
+        ctx.note(f"centralized: trained on the union of {len(y)} client examples, density {ctx.config.pruning.density}")
         return GlobalModel(model.state_dict(), masks)
 
-    def train_and_prune(self, ctx: RunContext, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict | None:
+    def train_and_prune(self, ctx: MethodContext, model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict | None:
         c, f, s = ctx.config, ctx.config.fl, self.settings
         steps_per_epoch = math.ceil(len(y) / f.batch_size)
         total = max(1, math.ceil(example_passes(ctx, len(y)) / f.batch_size))

@@ -1,22 +1,24 @@
-"""Server-side aggregation: sample-weighted averages of client states over active positions, made robust.
+"""Aggregation of client states: sample-weighted averages over active positions, made robust.
 
-One client of ten must not be able to poison the round (issue "One client, file or name cannot
-crash, poison or take over a run"): `screen_updates` rejects or clips every update by its
+Pure torch, so the server's rounds and the methods' hooks (`shared.methods`) share it. One client
+of ten must not be able to poison the round: `screen_updates` rejects or clips every update by its
 distance from the global model in multiples of the round's median distance (adaptive, so honest
 rounds are untouched), `cap_weights` bounds any client's share of the sample weights, and `combine`
-aggregates by coordinate-wise trimmed mean (the default) or median (Yin et al., "Byzantine-Robust
-Distributed Learning", ICML 2018, arXiv 1803.01498) besides FedAvg.
+aggregates by an aggregator of `AGGREGATORS` (`fl.aggregator`): coordinate-wise trimmed mean (the
+default) or median (Yin et al., "Byzantine-Robust Distributed Learning", ICML 2018, arXiv 1803.01498)
+besides FedAvg.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from shared.pruning import average_scores
 from shared.pruning.prune_grow import MIN_CLIENTS_TO_CLIP, median_peak
+from shared.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
 
@@ -30,44 +32,26 @@ def weighted_average(states: Sequence[Tensors], weights: Sequence[float], masks:
     return combine(states, weights, masks)
 
 
-def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors | None = None,
-            aggregator: str = "mean", trim_fraction: float = 0.1) -> Tensors:
-    """Float tensors by `aggregator`: "mean" (sample-weighted, FedAvg), "trimmed-mean" (per coordinate,
-    the k largest and k smallest client values left out, k = max(1, trim_fraction x n) from 4 clients
-    on, the rest sample-weighted) or "median" (per coordinate). Integer buffers take the maximum; with
-    masks, pruned positions stay exactly zero.
+# An aggregator: (one layer's float64 values of every client, their sample weights, fl.trim_fraction) ->
+# that layer's aggregate. Picked by `fl.aggregator`; a user's is `package.module:fn` from a trusted package.
+AGGREGATORS: Registry = Registry("aggregator", allow_import=True)
 
-    Why trimmed by default: norm clipping bounds an update's length, not its direction, and one client
-    in ten that pushes every weight the same way ruins the model in three rounds even when clipped
-    (measured: the `huge` attack of the drill). Clipping its values to the honest range per coordinate
-    (winsorizing) still biases every weight towards the honest maximum, which ruined it as well; left
-    out per coordinate, with the honest extreme on the other side, the mean stays unbiased."""
-    if not states:
-        raise ValueError("nothing to aggregate")
+
+@AGGREGATORS.register("mean")
+def mean(values: Sequence[torch.Tensor], weights: Sequence[float], trim_fraction: float) -> torch.Tensor:
+    """Sample-weighted mean (FedAvg)."""
     total = float(sum(weights))
-    out: Tensors = {}
-    for name, first in states[0].items():
-        if not first.is_floating_point():
-            out[name] = torch.stack([s[name] for s in states]).amax(0)
-            continue
-        if aggregator == "mean":
-            value = torch.zeros_like(first, dtype=torch.float64)
-            for state, w in zip(states, weights):
-                value += state[name].double() * (w / total)
-        elif aggregator == "trimmed-mean":
-            value = _trimmed(torch.stack([s[name].double() for s in states]), weights, trim_fraction)
-        elif aggregator == "median":
-            ordered = torch.stack([s[name].double() for s in states]).sort(0).values
-            value = (ordered[(len(states) - 1) // 2] + ordered[len(states) // 2]) / 2
-        else:
-            raise ValueError(f"unknown aggregator {aggregator!r}; use mean, trimmed-mean or median")
-        value = value.to(first.dtype)
-        out[name] = value * masks[name] if masks and name in masks else value
-    return out
+    value = torch.zeros_like(values[0])
+    for v, w in zip(values, weights):
+        value += v * (w / total)
+    return value
 
 
-def _trimmed(stacked: torch.Tensor, weights: Sequence[float], trim_fraction: float) -> torch.Tensor:
-    """Per coordinate, the sample-weighted mean of the client values ranked k .. n-1-k (all below 4 clients)."""
+@AGGREGATORS.register("trimmed-mean")
+def trimmed_mean(values: Sequence[torch.Tensor], weights: Sequence[float], trim_fraction: float) -> torch.Tensor:
+    """Per coordinate, the sample-weighted mean of the client values ranked k .. n-1-k,
+    k = max(1, trim_fraction x n) from 4 clients on (all below 4 clients)."""
+    stacked = torch.stack(list(values))
     n = stacked.shape[0]
     w = torch.tensor([float(x) for x in weights], dtype=torch.float64).reshape(-1, *[1] * (stacked.dim() - 1))
     if n < 4:
@@ -76,6 +60,41 @@ def _trimmed(stacked: torch.Tensor, weights: Sequence[float], trim_fraction: flo
     rank = stacked.argsort(0).argsort(0)
     keep = ((rank >= k) & (rank <= n - 1 - k)).double() * w
     return (stacked * keep).sum(0) / keep.sum(0)
+
+
+@AGGREGATORS.register("median")
+def median(values: Sequence[torch.Tensor], weights: Sequence[float], trim_fraction: float) -> torch.Tensor:
+    """Per coordinate, the median of the client values (unweighted)."""
+    ordered = torch.stack(list(values)).sort(0).values
+    return (ordered[(len(values) - 1) // 2] + ordered[len(values) // 2]) / 2
+
+
+def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors | None = None,
+            aggregator: str = "mean", trim_fraction: float = 0.1, trusted: Iterable[str] = ()) -> Tensors:
+    """Float tensors by the `aggregator` of `AGGREGATORS`: "mean" (sample-weighted, FedAvg),
+    "trimmed-mean" (per coordinate the extreme clients left out, the rest sample-weighted) or "median"
+    (per coordinate), or a trusted `package.module:fn`. Integer buffers take the maximum; with masks,
+    pruned positions stay exactly zero.
+
+    Why trimmed by default: norm clipping bounds an update's length, not its direction, and one client
+    in ten that pushes every weight the same way ruins the model in three rounds even when clipped
+    (measured: the `huge` attack of the drill). Clipping its values to the honest range per coordinate
+    (winsorizing) still biases every weight towards the honest maximum, which ruined it as well; left
+    out per coordinate, with the honest extreme on the other side, the mean stays unbiased."""
+    if not states:
+        raise ValueError("nothing to aggregate")
+    fn = AGGREGATORS.get(aggregator, trusted)
+    out: Tensors = {}
+    for name, first in states[0].items():
+        if not first.is_floating_point():
+            out[name] = torch.stack([s[name] for s in states]).amax(0)
+            continue
+        value = fn([s[name].double() for s in states], weights, trim_fraction)
+        if not (isinstance(value, torch.Tensor) and value.shape == first.shape):
+            raise ValueError(f"aggregator {aggregator!r} returned no tensor shaped {tuple(first.shape)} for {name}")
+        value = value.to(first.dtype)
+        out[name] = value * masks[name] if masks and name in masks else value
+    return out
 
 
 def distance(reference: Tensors, update: Tensors) -> float:

@@ -34,12 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
-from server.aggregate import combine
-from server.context import RunContext
-from server.global_model import GlobalModel
-from server.fleet import Reply
-from server.methods.base import ClientHalf, Method, TrainJob, register
 from shared import protocol as p
+from shared.aggregate import combine
+from shared.global_model import GlobalModel
+from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJob
+from shared.methods.registry import register
 from shared.pruning import apply_masks, masks_from_scores
 from shared.pruning.allocation import budget
 from shared.sparse_training.activations import prune_activations
@@ -103,7 +102,7 @@ class SparsyFed(Method):
     Settings = SparsyFedSettings
     client = SparsyFedClient()
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         model = ctx.new_model()
         self.dense = ctx.dense_layers(model)
@@ -112,7 +111,7 @@ class SparsyFed(Method):
         self.kept = budget({n: shapes[n] for n in self.names}, ctx.config.pruning.density, self.dense)[0]
         self.summary["aggregate_density"] = []
 
-    def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
+    def round_config(self, ctx: MethodContext, gm: GlobalModel, t: int) -> dict:
         if ctx.config.pruning.density >= 1.0:
             return {}
         return {p.PRUNE_LAYERS: self.names, p.DENSE_LAYERS: self.dense}
@@ -122,13 +121,14 @@ class SparsyFed(Method):
             return super().check_update_masks(gm, masks)
         return check_client_masks(masks, self.names, self.dense, self.kept)
 
-    def aggregate(self, ctx: RunContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
+    def aggregate(self, ctx: MethodContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
         """Every position averaged over all clients, zeros included (FedAvg of the zero-filled models):
         a weight a client regrew (beta = 1) counts even where the global mask had pruned it."""
         f = ctx.config.fl
-        return combine([r.decoded for r in replies], ctx.weights(replies), None, f.aggregator, f.trim_fraction)
+        return combine([r.decoded for r in replies], ctx.weights(replies), None, f.aggregator, f.trim_fraction,
+                       ctx.config.trusted)
 
-    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+    def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         """Prune the aggregate to exactly the target density by global magnitude."""
         if ctx.config.pruning.density >= 1.0:
             return

@@ -4,7 +4,8 @@ McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentra
 Data", AISTATS 2017, https://arxiv.org/abs/1602.05629
 """
 
-from server.methods.base import Method, register
+from shared.methods.api import Method
+from shared.methods.registry import register
 
 
 @register("fedavg")

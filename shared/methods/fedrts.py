@@ -31,15 +31,16 @@ import base64
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from server.context import Draw, RunContext
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.methods.base import Method, TrainJob, register
-from server.methods.fedmef import nonzero_counts
-from server.methods.fedtiny import FedTinyClient
 from shared import codec, protocol as p
+from shared.draws import Draw, seed_sequence
+from shared.global_model import GlobalModel
+from shared.methods.api import Method, MethodContext, Reply, TrainJob
+from shared.methods.fedmef import nonzero_counts
+from shared.methods.fedtiny import FedTinyClient
+from shared.methods.registry import register
 from shared.pruning.schedule import adjust_counts, cosine_fraction, is_adjust_round
 from shared.sparse_training.thompson import active_reward, inactive_reward, observe, sample_mask
 from shared.training import TrainResult
@@ -77,7 +78,7 @@ class FedRTS(Method):
     Settings = FedRTSSettings
     client = FedRTSClient()
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.t_end = math.floor(self.settings.end_fraction * ctx.config.fl.rounds)
         model = ctx.new_model()
@@ -86,29 +87,28 @@ class FedRTS(Method):
         self.alpha = {n: torch.ones_like(params[n].detach()) for n in self.names}
         self.beta = {n: torch.ones_like(params[n].detach()) for n in self.names}
         self.pending: dict[str, int] = {}
-        self.indices: dict[int, Tensors] = {}  # node -> its checked top-k gradient indices, this round
         self.summary["changed"] = []  # links that changed at each adjustment
 
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         return self.pruned_at_start(ctx, "random", "erk")
 
-    def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
-        self.pending, self.indices = {}, {}
+    def round_config(self, ctx: MethodContext, gm: GlobalModel, t: int) -> dict:
+        self.pending = {}
         s = self.settings
         if gm.masks and self.t_end >= 1 and is_adjust_round(t, s.interval, self.t_end):
             self.pending = nonzero_counts({n: gm.masks[n] for n in self.names}, cosine_fraction(s.alpha, t, self.t_end))
         return {p.ADJUST_NAMES: list(self.pending), p.ADJUST_K: list(self.pending.values())} if self.pending else {}
 
-    def check_reply(self, ctx: RunContext, gm: GlobalModel, reply: Reply) -> str | None:
+    def check_reply(self, ctx: MethodContext, gm: GlobalModel, reply: Reply) -> str | None:
         if not self.pending:
             return None
         got = check_topk_indices(reply, gm, self.pending)
         if isinstance(got, str):
             return got
-        self.indices[reply.node_id] = got
+        reply.extras[p.TOPK_INDEX] = got
         return None
 
-    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+    def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not gm.masks or t > self.t_end or not replies:
             return
         s = self.settings
@@ -118,17 +118,16 @@ class FedRTS(Method):
         for n in self.names:
             reward = active_reward(gm.state[n], [r.decoded[n] for r in replies], shares, gm.masks[n], kappa[n], s.gamma)
             observe(self.alpha[n], self.beta[n], gm.masks[n], reward, s.c)
-        voters = [(share, self.indices[r.node_id]) for share, r in zip(shares, replies) if r.node_id in self.indices]
-        if self.pending and voters:
-            self.adjust(ctx, gm, t, voters)
+        if self.pending:
+            self.adjust(ctx, gm, t, [(share, r.extras[p.TOPK_INDEX]) for share, r in zip(shares, replies)])
 
-    def adjust(self, ctx: RunContext, gm: GlobalModel, t: int, voters: list[tuple[float, Tensors]]) -> None:
+    def adjust(self, ctx: MethodContext, gm: GlobalModel, t: int, voters: list[tuple[float, Tensors]]) -> None:
         """Update the inactive positions from the clients' indices, then draw the new masks."""
         s = self.settings
         for n in self.pending:
             reward = inactive_reward([idx[n] for _, idx in voters], [share for share, _ in voters], gm.masks[n].shape, s.gamma)
             observe(self.alpha[n], self.beta[n], ~gm.masks[n], reward, s.c)
-        rng = ctx.draws(Draw.THOMPSON, t)
+        rng = np.random.default_rng(seed_sequence(ctx.config.seed, Draw.THOMPSON, t))
         new = {n: sample_mask(self.alpha[n], self.beta[n], int(gm.masks[n].sum()), rng) for n in self.names}
         changed = sum(int((new[n] & ~gm.masks[n]).sum()) for n in self.names)
         gm.set_masks({**gm.masks, **new})  # grown weights start at the aggregate's 0; dropped ones are zeroed
@@ -154,7 +153,7 @@ class FedRTS(Method):
 def check_topk_indices(reply: Reply, gm: GlobalModel, pending: dict[str, int]) -> Tensors | str:
     """A client's top-k gradient indices per adjusted layer, or why they are unusable: each layer's at
     most k_l distinct int32 flat indices, all at pruned positions."""
-    blob = reply.content.get(p.PAYLOAD, {}).get(p.TOPK_INDEX)
+    blob = reply.payload(p.TOPK_INDEX)
     if blob is None:
         return "no top-k gradient indices in an adjustment round"
     try:

@@ -10,14 +10,14 @@ Client config keys: only the shared training keys (``round``, ``seed``, ``epochs
 
 from __future__ import annotations
 
-from server.context import RunContext
-from server.global_model import GlobalModel
-from server.methods.base import Method, register
+from shared.global_model import GlobalModel
+from shared.methods.api import Method, MethodContext
+from shared.methods.registry import register
 
 
 @register("synflow")
 class SynFlow(Method):
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         gm = self.pruned_at_start(ctx, "synflow", "global")
-        ctx.recorder.note("synflow: pruned at initialization without data")
+        ctx.note("synflow: pruned at initialization without data")
         return gm

@@ -6,7 +6,7 @@ https://arxiv.org/abs/1810.02340. In federated form the server cannot see data, 
 batches of the (warmed-up) starting model; the server averages the scores weighted by the
 clients' sample counts and keeps the top `pruning.density` of prunable weights globally
 (the first layer stays dense when `pruning.keep_first_dense`). The mask never changes again.
-Client config keys: ``score``, ``batches``, ``seed`` (query.scores); training uses only the
+Client config keys: ``score``, ``batches``, ``seed`` (query.scores, `MethodContext.client_scores`); training uses only the
 shared keys (``round``, ``seed``, ``epochs``, ``lr``, ``fail``).
 """
 
@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server import policy_search
-from server.context import RunContext
-from server.global_model import GlobalModel
-from server.methods.base import Method, register
+from shared.global_model import GlobalModel
+from shared.methods.api import Method, MethodContext
+from shared.methods.registry import register
 from shared.pruning import masks_from_scores
 
 Tensors = dict[str, torch.Tensor]
@@ -41,16 +40,14 @@ class Snip(Method):
     Settings = SnipSettings
     score = "snip"  # the data score clients compute (shared.pruning.scores)
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.scores: Tensors = {}
 
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         model = self.initial_model(ctx)
         c = ctx.config
-        if c.pruning.density >= 1.0:
-            return GlobalModel(model.state_dict())
-        self.scores = policy_search.client_scores(ctx, model, self.score, self.settings.clients, self.settings.batches)
+        self.scores = ctx.client_scores(model, self.score, self.settings.clients, self.settings.batches)
         masks = masks_from_scores(self.scores, c.pruning.density, "global", c.seed, keep_dense=ctx.dense_layers(model))
-        ctx.recorder.note(f"{self.name}: pruned at initialization from scores of {self.settings.clients} clients")
+        ctx.note(f"{self.name}: pruned at initialization from scores of {self.settings.clients} clients")
         return GlobalModel(model.state_dict(), masks)

@@ -37,12 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
-from server.context import RunContext
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.methods.base import Method, TrainJob, register
-from server.methods.fedtiny import FedTinyClient, check_topk
 from shared import protocol as p
+from shared.global_model import GlobalModel
+from shared.methods.api import Method, MethodContext, Reply, TrainJob
+from shared.methods.fedtiny import FedTinyClient, check_topk
+from shared.methods.registry import register
 from shared.pruning.params import prunable_names
 from shared.pruning.prune_grow import grow_from_client_topk
 from shared.pruning.schedule import adjust_counts, cosine_fraction, is_adjust_round
@@ -106,18 +105,17 @@ class FedMef(Method):
     Settings = FedMefSettings
     client = FedMefClient()
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         self.t_end = math.floor(self.settings.end_fraction * ctx.config.fl.rounds)
         self.pending: dict[str, int] = {}  # this round's prune/grow counts (adjustment rounds)
-        self.parts: dict[int, dict] = {}  # node -> its checked top-k gradients, this round
         self.summary["changed"] = []  # weights grown (as many pruned) at each adjustment
 
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         return self.pruned_at_start(ctx, "random", "erk")
 
-    def round_config(self, ctx: RunContext, gm: GlobalModel, t: int) -> dict:
-        self.pending, self.parts = {}, {}
+    def round_config(self, ctx: MethodContext, gm: GlobalModel, t: int) -> dict:
+        self.pending = {}
         s = self.settings
         if not gm.masks or self.t_end < 1:
             return {}
@@ -132,22 +130,21 @@ class FedMef(Method):
                 out.update({p.ADJUST_NAMES: list(self.pending), p.ADJUST_K: list(self.pending.values())})
         return out
 
-    def check_reply(self, ctx: RunContext, gm: GlobalModel, reply: Reply) -> str | None:
+    def check_reply(self, ctx: MethodContext, gm: GlobalModel, reply: Reply) -> str | None:
+        """In adjustment rounds, the client's top-k gradients of every adjusted layer (FedTiny's `check_topk`)."""
         if not self.pending:
             return None
         sparse, reason = check_topk(reply, gm, self.pending)
-        if reason:
-            return reason
-        self.parts[reply.node_id] = sparse
-        return None
+        if reason is None:
+            reply.extras[p.TOPK] = sparse
+        return reason
 
-    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+    def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         """Prune the k_l smallest active weights and grow the k_l largest merged client gradients (at 0)."""
-        senders = [self.parts[r.node_id] for r in replies if r.node_id in self.parts]
-        if not self.pending or not senders:
+        if not self.pending or not replies:
             return
-        parts = {n: [(idx, val) for s in senders for idx, val, _ in [s[n]]] for n in self.pending}
-        masks, weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending, len(senders))
+        parts = {n: [r.extras[p.TOPK][n][:2] for r in replies] for n in self.pending}
+        masks, weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending, len(replies))
         self.summary["changed"].append(sum(int((masks[n] & ~gm.masks[n]).sum()) for n in self.pending))
         gm.state.update(weights)
         gm.set_masks({**gm.masks, **masks})

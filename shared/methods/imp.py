@@ -18,10 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from server.context import RunContext
-from server.fleet import Reply
-from server.global_model import GlobalModel
-from server.methods.base import Method, register
+from shared.global_model import GlobalModel
+from shared.methods.api import Method, MethodContext, Reply
+from shared.methods.registry import register
 from shared.pruning import full_masks, shrink_by_magnitude
 
 
@@ -51,33 +50,32 @@ def step_density(target: float, step: int, steps: int) -> float:
 class IMP(Method):
     Settings = IMPSettings
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
         s = self.settings
         self.schedule = prune_rounds(ctx.config.fl.rounds, s.end_fraction, s.interval)
         self.pruned = False
+        self.dense: list[str] = []
 
-    def prepare(self, ctx: RunContext) -> GlobalModel:
+    def prepare(self, ctx: MethodContext) -> GlobalModel:
         model = self.initial_model(ctx)
-        if ctx.config.pruning.density >= 1.0:
-            return GlobalModel(model.state_dict())
         self.dense = ctx.dense_layers(model)
         return GlobalModel(model.state_dict(), full_masks(model, ctx.prunable(model) + self.dense))
 
-    def after_round(self, ctx: RunContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
+    def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         self.pruned = bool(gm.masks) and t in self.schedule
         if not self.pruned:
             return
         step = self.schedule.index(t) + 1
         target = step_density(ctx.config.pruning.density, step, len(self.schedule))
         gm.set_masks(shrink_by_magnitude(gm.state, gm.masks, target, ctx.config.seed, self.dense))
-        ctx.recorder.note(f"imp: round {t} pruned to density {gm.density:.4f}")
+        ctx.note(f"imp: round {t} pruned to density {gm.density:.4f}")
 
     def phase(self, t: int) -> str:
         return "prune" if t in self.schedule else "train"
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "dense": getattr(self, "dense", [])}
+        return {**super().state_dict(), "dense": self.dense}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
