@@ -14,177 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import json
-import math
-from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-BUILTIN_METHODS = "shared.methods"  # importing this package registers the built-in methods and their sections
-FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
-MAX_WIDTH = 16.0  # model.width: 16x the channels is already ~256x the weights
-MAX_CPUS = 4096  # simulation.num_cpus: logical CPUs Ray may schedule on (spare actors for stragglers included)
-ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search")  # client.attacks
-TRACKING = ("tensorboard", "none")  # tracking: TensorBoard event files in the run's directory, or none
+from shared.config_checks import resolve, validate
+from shared.config_schema import (
+    _CORE, ATTACKS, BUILTIN_METHODS, CONFIG_DIR, DEFAULT_CONFIG, FAIL_MODES, MAX_CPUS, MAX_WIDTH, TRACKING, Config,
+    ConfigError, DatasetConfig, FLConfig, ModelConfig, PruningConfig, SimulationConfig, WarmupConfig, _builtin, _discover,
+    register_method,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line (the CLI exits with code 2)."""
-
-
-@dataclass
-class DatasetConfig:
-    name: str = "digits"
-    path: str = ""  # empty: the dataset's default location
-    partition: str = "dirichlet"  # iid | dirichlet
-    alpha: float = 0.5  # Dirichlet concentration (label skew)
-    holdout: float = 0.2  # fraction of each client's data held out (adaptive BN selection, evaluation)
-    test_fraction: float = 0.2  # central test split for datasets without one (digits)
-
-
-@dataclass
-class ModelConfig:
-    name: str = "cnn"
-    width: float = 1.0
-
-
-@dataclass
-class PruningConfig:
-    density: float = 0.05  # fraction of prunable weights kept
-    keep_first_dense: bool = True  # keep the first conv layer dense (reference code does); density still counts it
-
-
-@dataclass
-class FLConfig:
-    rounds: int = 40
-    num_clients: int = 20
-    clients_per_round: int = 10
-    local_epochs: int = 3
-    batch_size: int = 32
-    lr: float = 0.05
-    lr_schedule: str = "cosine"  # client lr per round: constant | cosine (decays to ~0 at the last round)
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    min_replies: float = 0.5  # fraction of sampled clients whose replies a round needs
-    round_timeout: float = 300.0  # seconds to wait for replies in a round
-    max_update_norm: float = 0.0  # clip each update's L2 distance from the global model (0: off)
-    eval_every: int = 1  # central test evaluation every this many rounds; round 0 and the last round always
-    # Seeds which clients each round samples and their local work (-1: `seed`). Another value keeps the seed's
-    # data, partition, initial model and candidate masks and replays the run under other client samples:
-    # a replicate, to tell a method's effect from the spread of client sampling on one seed.
-    sampling_seed: int = -1
-    # Robust aggregation (shared.aggregate): each update's distance from the global model is clipped to
-    # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
-    # the round (0: off); aggregator trimmed-mean (per coordinate the extreme clients left out, the rest
-    # sample-weighted) | mean (FedAvg) | median (coordinate-wise).
-    clip_multiple: float = 10.0
-    reject_multiple: float = 100.0  # an update farther than this multiple of the round's median distance is rejected
-    max_weight_share: float = 0.0
-    aggregator: str = "trimmed-mean"
-    trim_fraction: float = 0.1  # trimmed-mean: the fraction of clients left out at each end per coordinate (at least 1)
-
-
-@dataclass
-class WarmupConfig:
-    """Optional dense pre-training on a tiny labelled server set from the train split, for every method
-    (FedTiny's phase 0, arXiv 2212.01977; never the test split, unlike the reference code)."""
-
-    epochs: int = 5  # 0: none
-    shots: int = 10  # examples per class in the server's warm-up set
-
-
-@dataclass
-class SimulationConfig:
-    cpus_per_client: int = 1  # whole CPUs per virtual client (Flower 1.42 takes no fractions)
-    # GPUs Ray reserves per virtual client, a fraction (0.25: four clients share a GPU); 0 reserves
-    # none (clients then share every visible GPU, and only CPUs limit how many run at once).
-    gpus_per_client: float = 0.0
-    # Logical CPUs Ray may use when it starts its own cluster: num_cpus / cpus_per_client clients run
-    # at once. More than the cores is allowed, e.g. spare actors for sleeping stragglers.
-    num_cpus: int = 2
-    ray_address: str = ""  # join this running Ray cluster ("auto" or host:port) instead of starting one
-    fail_fraction: float = 0.0  # fraction of sampled clients made to fail each round (fault drills)
-    # How they fail: "crash" (raise an error) or "straggle" (sleep past fl.round_timeout, reply late).
-    fail_mode: str = "crash"
-    # Attack drill (client.attacks): this fraction of the partitions (seeded) sends well-formed poison of one kind.
-    attack: str = "none"
-    attack_fraction: float = 0.0
-    # Simulation only: the server tells each virtual client which partition it holds (node i of the
-    # sorted node ids holds partition i), so no registration round over the whole fleet is needed.
-    virtual_partitions: bool = False
-
-
-METHOD_NAMES: set[str] = set()  # registered methods (register_method)
-SECTIONS: dict[str, type] = {}  # method settings: section name -> dataclass with defaults
-
-
-def register_method(name: str, section: str | None = None, settings: type | None = None) -> None:
-    """Record a method's name and its settings section; `shared.methods.register` calls this.
-
-    A settings dataclass may define `validate(self, config, check)`, called with the whole config
-    and `check(ok, dotted_key, why)`, to reject impossible values in one line.
-    """
-    METHOD_NAMES.add(name)
-    if settings is None:
-        return
-    if section in _CORE or SECTIONS.get(section, settings) is not settings:
-        raise ValueError(f"config section {section!r} is registered twice or clashes with a core section")
-    SECTIONS[section] = settings
-
-
-def _default_sections() -> dict[str, Any]:
-    return {name: cls() for name, cls in _discover().items()}
-
-
-@dataclass
-class Config:
-    method: str = "fedtiny"  # a registered method, or package.module:Class from a trusted package
-    seed: int = 0
-    output_dir: str = ""  # empty: outputs/<timestamp>-<method>
-    resume: bool = False  # continue from output_dir's last checkpoint (fedtiny run --resume DIR)
-    # Packages whose code a `package.module:name` in this config may import (methods, models, datasets,
-    # scores, allocations). Importing runs that code with your permissions: name only code you trust.
-    trusted: list[str] = field(default_factory=list)
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda | cuda:N: clients' and server's torch work
-    tracking: str = "tensorboard"  # tensorboard (event files in output_dir) | none
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pruning: PruningConfig = field(default_factory=PruningConfig)
-    fl: FLConfig = field(default_factory=FLConfig)
-    warmup: WarmupConfig = field(default_factory=WarmupConfig)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)
-    sections: dict[str, Any] = field(default_factory=_default_sections)  # method settings by section name
-
-    def __getattr__(self, name: str) -> Any:
-        """A method's settings section as an attribute: `config.fedtiny.alpha`."""
-        sections = self.__dict__.get("sections")
-        if sections is not None and name in sections:
-            return sections[name]
-        raise AttributeError(f"config has no section {name!r}; known: {sorted(sections or {})}")
-
-
-_CORE = {f.name for f in dataclasses.fields(Config)}
-
-
-def _discover(method: str | None = None, trusted: Iterable[str] = ()) -> dict[str, type]:
-    """The sections of a config: every built-in method's, plus a user's `package.module:Class` method's.
-
-    A user method's section belongs to the configs that name that method only, although its
-    registration stays for the process.
-    """
-    plugins = importlib.import_module(BUILTIN_METHODS)
-    sections = {name: cls for name, cls in SECTIONS.items() if _builtin(cls)}
-    if method and ":" in method:
-        cls = plugins.load(method, trusted)
-        if cls.Settings is not None:
-            sections[cls.section] = cls.Settings
-    return sections
+__all__ = [
+    "ATTACKS", "BUILTIN_METHODS", "CONFIG_DIR", "DEFAULT_CONFIG", "FAIL_MODES", "MAX_CPUS", "MAX_WIDTH", "TRACKING",
+    "Config", "ConfigError", "DatasetConfig", "FLConfig", "ModelConfig", "PruningConfig", "SimulationConfig",
+    "WarmupConfig", "from_flat", "from_mapping", "load_config", "register_method", "resolve", "to_flat", "to_yaml",
+    "validate",
+]
 
 
 def load_config(file: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
@@ -254,10 +103,6 @@ def _walk(config: Config) -> Iterator[tuple[str, Any]]:
 
 
 USER_SECTIONS = "user_sections"  # flat key: JSON of the sections of methods outside shared.methods
-
-
-def _builtin(settings: type) -> bool:
-    return settings.__module__.startswith(BUILTIN_METHODS + ".")
 
 
 def to_flat(config: Config) -> dict[str, Any]:
@@ -358,115 +203,3 @@ def _one_line(exc: OmegaConfBaseException, section: str = "") -> str:
     if key:
         return f"config key {key!r}: {message}"
     return f"invalid config: {message}"
-
-
-def _floats(c: Config):
-    """(dotted key, value) of every float setting of every section (each must be finite)."""
-    for section in fields(c):
-        value = getattr(c, section.name)
-        if is_dataclass(value):
-            for f in fields(value):
-                if isinstance(getattr(value, f.name), float):
-                    yield f"{section.name}.{f.name}", getattr(value, f.name)
-    for name, settings in c.sections.items():
-        for f in fields(settings):
-            if isinstance(getattr(settings, f.name), float):
-                yield f"{name}.{f.name}", getattr(settings, f.name)
-
-
-def validate(c: Config) -> None:
-    """Reject impossible values with one line naming the key."""
-
-    def check(ok: bool, key: str, why: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key {key!r} {why} (got {_get(c, key)!r})")
-
-    check(c.method in METHOD_NAMES or ":" in c.method, "method",
-          f"must be one of {', '.join(sorted(METHOD_NAMES))} (or package.module:Class from a trusted package)")
-    check(0.0 < c.pruning.density <= 1.0 and math.isfinite(c.pruning.density), "pruning.density", "must be in (0, 1]")
-    check(c.dataset.partition in ("iid", "dirichlet"), "dataset.partition", "must be iid or dirichlet")
-    check(c.dataset.alpha > 0, "dataset.alpha", "must be > 0")
-    check(0.0 < c.dataset.holdout < 1.0, "dataset.holdout", "must be in (0, 1)")
-    check(0.0 < c.dataset.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
-    for key, value in _floats(c):
-        check(math.isfinite(value), key, "must be a finite number")
-    check(0 < c.model.width <= MAX_WIDTH, "model.width", f"must be in (0, {MAX_WIDTH}] (a multiple of the model's channels)")
-    check(c.fl.rounds >= 1, "fl.rounds", "must be >= 1")
-    check(c.fl.num_clients >= 1, "fl.num_clients", "must be >= 1")
-    check(1 <= c.fl.clients_per_round <= c.fl.num_clients, "fl.clients_per_round", "must be in [1, fl.num_clients]")
-    check(c.fl.local_epochs >= 1, "fl.local_epochs", "must be >= 1")
-    check(c.fl.batch_size >= 1, "fl.batch_size", "must be >= 1")
-    check(c.fl.lr > 0, "fl.lr", "must be > 0")
-    check(0.0 <= c.fl.momentum < 1.0, "fl.momentum", "must be in [0, 1)")
-    check(c.fl.weight_decay >= 0, "fl.weight_decay", "must be >= 0")
-    check(0.0 < c.fl.min_replies <= 1.0, "fl.min_replies", "must be in (0, 1]")
-    check(c.fl.round_timeout > 0, "fl.round_timeout", "must be > 0")
-    check(c.fl.eval_every >= 1, "fl.eval_every", "must be >= 1 (1 evaluates every round)")
-    check(c.fl.sampling_seed >= -1, "fl.sampling_seed", "must be >= 0, or -1 to follow seed")
-    check(c.fl.max_update_norm >= 0, "fl.max_update_norm", "must be >= 0 (0 turns clipping off)")
-    check(c.fl.clip_multiple == 0 or c.fl.clip_multiple >= 1, "fl.clip_multiple",
-          "must be 0 (off) or >= 1 (a multiple of the round's median update distance)")
-    check(c.fl.reject_multiple == 0 or c.fl.reject_multiple >= max(1.0, c.fl.clip_multiple), "fl.reject_multiple",
-          "must be 0 (off) or at least fl.clip_multiple (and >= 1)")
-    check(c.fl.max_weight_share == 0 or 1 / c.fl.clients_per_round <= c.fl.max_weight_share <= 1,
-          "fl.max_weight_share", "must be 0 (off) or in [1 / fl.clients_per_round, 1]")
-    check(0 <= c.fl.trim_fraction < 0.5, "fl.trim_fraction", "must be in [0, 0.5)")
-    check(c.warmup.epochs >= 0, "warmup.epochs", "must be >= 0")
-    check(c.warmup.shots >= 1, "warmup.shots", "must be >= 1")
-    check(c.simulation.cpus_per_client >= 1, "simulation.cpus_per_client",
-          "must be a whole number >= 1 (to run more clients at once raise simulation.num_cpus)")
-    check(1 <= c.simulation.num_cpus <= MAX_CPUS, "simulation.num_cpus", f"must be in [1, {MAX_CPUS}]")
-    _check_device(c, check)
-    check(c.tracking in TRACKING, "tracking", f"must be one of {', '.join(TRACKING)}")
-    check(0.0 <= c.simulation.fail_fraction < 1.0, "simulation.fail_fraction", "must be in [0, 1)")
-    check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")
-    check(c.simulation.attack in ATTACKS, "simulation.attack", f"must be one of {', '.join(ATTACKS)}")
-    check(0.0 <= c.simulation.attack_fraction < 0.5, "simulation.attack_fraction", "must be in [0, 0.5)")
-    for section in c.sections.values():
-        if hasattr(section, "validate"):
-            section.validate(c, check)
-    _check_names(c)
-
-
-def _check_device(c: Config, check) -> None:
-    """`device` must name hardware this process has; GPUs reserved per client need a GPU Ray can see."""
-    from shared.device import DeviceError, resolve
-
-    try:
-        device = resolve(c.device)
-    except DeviceError as exc:
-        raise ConfigError(f"config key 'device' {exc} (got {c.device!r})") from None
-    g = c.simulation.gpus_per_client
-    check(math.isfinite(g) and g >= 0 and (g <= 1 or g == int(g)), "simulation.gpus_per_client",
-          "must be a fraction in [0, 1] or a whole number of GPUs")
-    if g > 0 and not c.simulation.ray_address:
-        check(resolve("auto").type == "cuda", "simulation.gpus_per_client",
-              "reserves GPUs, but this machine has no CUDA GPU for Ray to hand out (use 0)")
-        check(device.index in (None, 0), "device",
-              "names one GPU, but with simulation.gpus_per_client > 0 Ray hands each client its own: use device=cuda")
-
-
-def _check_names(c: Config) -> None:
-    """Names that registries resolve are checked here so a typo fails before any work starts."""
-    from shared.aggregate import AGGREGATORS
-    from shared.training import LR_SCHEDULES
-
-    if c.fl.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"config key 'fl.lr_schedule': unknown schedule {c.fl.lr_schedule!r}; known: {', '.join(LR_SCHEDULES.names())}")
-    resolve(AGGREGATORS, c.fl.aggregator, "fl.aggregator", c)
-
-
-def resolve(registry, name: str, key: str, c: Config) -> None:
-    """Check that `registry` resolves `name` under this config's trusted packages (for a section's validate)."""
-    try:
-        registry.get(name, c.trusted)
-    except ValueError as exc:
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"config key {key!r}: {message[0].lower()}{message[1:]}") from None
-
-
-def _get(c: Config, dotted: str) -> Any:
-    obj: Any = c
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared import data as data_module
+from shared import dataset_files
 from shared.data import DATASETS, DataBundle, batches, load_dataset, read_idx, to_tensor
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -254,7 +254,7 @@ def test_cifar10_batch_of_other_types_is_a_value_error(tmp_path: Path, content: 
 
 def test_cifar10_oversize_batch_file_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     directory = fake_cifar10(tmp_path / "cifar")
-    monkeypatch.setattr(data_module, "MAX_CIFAR_BATCH_BYTES", 1000)
+    monkeypatch.setattr(dataset_files, "MAX_CIFAR_BATCH_BYTES", 1000)
     with pytest.raises(ValueError, match="data_batch_1 is .* bytes, over the limit of 1000"):
         load_dataset("cifar10", str(directory))
 

@@ -33,7 +33,7 @@ import torch
 
 from shared import codec, protocol as p
 from shared.batchnorm import load_stats, running_stat_names
-from shared.config import resolve
+from shared.config_checks import resolve
 from shared.draws import Draw
 from shared.global_model import GlobalModel
 from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJob

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from shared.config import register_method
+from shared.config_schema import register_method
 from shared.methods.api import Method
 from shared.registry import Registry, import_callable
 
