@@ -148,3 +148,15 @@ def test_fedtiny_compare_accepts_the_three_methods():
 
     assert [c.method for c in grid(["sparsyfed", "fedmef", "fedrts"], [0.01], [0])] == ["sparsyfed", "fedmef", "fedrts"]
     assert method_overrides("fedrts") == ["method=fedrts"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sparsyfed.beta=0.5", "sparsyfed.beta"), ("fedmef.bae_weight=-1", "fedmef.bae_weight"),
+    ("fedmef.sap_gamma=1.0", "fedmef.sap_gamma"), ("fedrts.gamma=1.5", "fedrts.gamma"), ("fedrts.c=0", "fedrts.c"),
+    ("fedrts.interval=0", "fedrts.interval"),
+])
+def test_impossible_settings_are_refused_in_one_line(override, key):
+    from shared.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])

@@ -14,8 +14,9 @@ BASELINES-2024.md section 2). The global model starts dense. Each round every cl
   (`pruning.keep_first_dense` keeps the first layer whole, counted in the density) and uploads the
   kept values on its own mask, sent as packed bits or delta-coded indices: never a dense array
   (the reference sends dense arrays).
-The server takes the sample-weighted mean (`fl.aggregator`) of the clients' zero-filled models,
-as FedAvg does in the reference, and then prunes that aggregate to exactly `pruning.density` by
+The server averages the clients' zero-filled models at every position, as FedAvg does in the
+reference, with the run's `fl.aggregator` (with the default trimmed mean, a weight that fewer clients
+keep than are trimmed at each end counts as 0, where the reference's mean shrinks it), and then prunes that aggregate to exactly `pruning.density` by
 global magnitude (`aggregate_density` in the summary records the aggregate's density first). The
 reference does not prune on the server: there the union of the clients' supports is the global
 support, whose density exceeds the target and then only falls; here the global model is at the
