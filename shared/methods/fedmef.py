@@ -15,10 +15,11 @@ read as in BASELINES-2024.md section 3). Here:
   zeros: a no-op), with an unsquared norm and an unused coefficient, at a fraction 2.5x the prune
   count, also after T_end; none of that is copied, nor its learning-rate rule (a clamp to `max_lr`);
 - every `fedmef.interval` rounds up to T_end = `fedmef.end_fraction` x rounds (round t with
-  t % interval == 0), the clients also send the top-k_l gradients of every sparse layer's pruned
-  positions as (index, value) pairs, k_l = ceil(alpha_t x nnz_l), alpha_t = `fedmef.alpha`/2 x
-  (1 + cos(pi t / T_end)) (the reference floors k_l and uploads dense one-batch gradients of every
-  parameter, and indexes its top-k filter wrongly, keeping 12 of 475 intended positions); the
+  t % interval == 0), the clients also send the top-k_l gradients (summed over their last local
+  epoch) of every sparse layer's pruned positions as (index, value) pairs, k_l = ceil(alpha_t x
+  nnz_l), alpha_t = `fedmef.alpha`/2 x (1 + cos(pi t / T_end)) (the reference floors k_l, uploads
+  dense one-batch gradients of every parameter, and indexes its top-k filter wrongly, keeping 12
+  of 475 intended positions); the
   server merges them as FedTiny does, prunes the k_l smallest active weights and grows the k_l
   largest merged gradients at zero (the reference keeps the grown positions' leaked values);
 - scaled activation pruning (SAP), off by default as in the reference (`fedmef.sap`): every conv
