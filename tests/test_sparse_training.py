@@ -96,6 +96,16 @@ def test_activation_pruning_touches_the_weight_gradient_only():
     assert "forward" not in vars(pruned[0])  # the module's own forward is back
 
 
+def test_activation_pruning_of_a_linear_layer_uses_the_pruned_input_for_its_weight_gradient():
+    layer = nn.Linear(4, 2)
+    x = torch.tensor([[1.0, -6.0, 2.0, 0.5], [3.0, 0.1, -5.0, 4.0]])
+    pruned_x = torch.tensor([[0.0, -6.0, 0.0, 0.0], [3.0, 0.0, -5.0, 4.0]])  # the top 4 of 8 |x|
+    with prune_activations(layer, {"": 0.5}):
+        layer(x).sum().backward()
+    assert torch.equal(layer.weight.grad, torch.ones(2, 2) @ pruned_x)
+    assert torch.equal(layer.bias.grad, torch.full((2,), 2.0))
+
+
 def _conv_out_grad():
     """dL/d(conv output) of the dense net on (X, Y)."""
     net = _net()

@@ -116,10 +116,9 @@ def prune_activations(model: nn.Module, keep: Mapping[str, float]) -> Iterator[N
     Evaluation is untouched. Works under `powerpropagate` (the weight is read at each call)."""
     patched = []
     for name, fraction in keep.items():
-        module = model.get_submodule(name)
-        forward = _forward(module, fraction)
         if fraction < 1.0:
-            module.forward = types.MethodType(forward, module)
+            module = model.get_submodule(name)
+            module.forward = types.MethodType(_forward(module, fraction), module)
             patched.append(module)
     try:
         yield
