@@ -71,12 +71,16 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0,
 
 def check_training_reply(ctx: RunState, method: Method, gm: GlobalModel, reply: Reply) -> tuple[dict | None, str | None]:
     """The update (`check_update`), then the method's payload (`check_reply`, which sees the update as
-    `reply.decoded`): (update, None), or (None, the first reason to reject the reply)."""
+    `reply.decoded`): (update, None), or (None, the first reason to reject the reply). A check that
+    raises on a payload it did not foresee rejects the reply rather than stopping the server."""
     update, reason = check_update(gm, reply, ctx.config.fl.max_update_norm, method.check_update_masks)
     if reason is not None:
         return None, reason
     reply.decoded = update
-    reason = method.check_reply(ctx, gm, reply)
+    try:
+        reason = method.check_reply(ctx, gm, reply)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:  # a payload no check foresaw
+        reason = f"{method.name or type(method).__name__}: unusable payload ({error_line(exc)})"
     return (None, reason) if reason is not None else (update, None)
 
 

@@ -1,4 +1,4 @@
-"""The worked example of README "Write your own method" runs as a user's method, from one file."""
+"""The worked example of docs/own-method.md runs as a user's method, from one file, and the guide shows it as it is."""
 
 from __future__ import annotations
 
@@ -52,3 +52,11 @@ def test_a_users_section_belongs_only_to_configs_that_name_its_method(tmp_path):
     plain = tiny_config(tmp_path)
     assert "regrow" not in plain.sections and to_flat(plain)["user_sections"] == ""
     assert from_flat(to_flat(plain)) == plain
+
+
+def test_the_guide_shows_this_example_exactly():
+    from helpers import ROOT
+
+    guide = (ROOT / "docs" / "own-method.md").read_text()
+    shown = guide.split("## The example, in full\n\n```python\n", 1)[1].split("```\n", 1)[0]
+    assert shown == (ROOT / "tests" / "example_method.py").read_text()

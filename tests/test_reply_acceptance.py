@@ -72,3 +72,23 @@ def test_a_bad_method_payload_leaves_the_model_as_if_its_client_had_not_replied(
     assert attacked.masks.keys() == silent.masks.keys()
     assert all(torch.equal(attacked.masks[n], silent.masks[n]) for n in attacked.masks)
     assert any(not torch.equal(attacked.state[n], honest.state[n]) for n in attacked.state)  # its update would have counted
+
+
+
+def test_a_method_check_that_raises_rejects_the_reply_instead_of_stopping_the_server(tmp_path):
+    from server.fleet import NotEnoughReplies
+    from shared.methods import Method
+
+    class Fragile(Method):
+        def check_reply(self, ctx, gm, reply):
+            return reply.extras["never-set"]  # raises KeyError on every reply
+
+    config = tiny_config(tmp_path, "method=fedavg", "fl.min_replies=0.5")
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    method = Fragile(ctx)
+    gm = method.start(ctx)
+    with pytest.raises(NotEnoughReplies):  # every reply rejected, fresh clients tried: the round fails cleanly
+        training_round(ctx, method, gm, 1, {})
+    rejected = ctx.fleet.traffic.rejected
+    assert len(rejected) == config.fl.num_clients
+    assert all("Fragile: unusable payload (" in r and "never-set" in r for r in rejected)
