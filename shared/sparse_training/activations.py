@@ -8,8 +8,7 @@ kept values plus their int32 flat indices (8 bytes per kept entry instead of 4 p
 the saving is real when fewer than half the entries are kept; the reference implementations keep a
 dense tensor full of zeros and save nothing.
 
-Per batch the kept count is exactly ceil(keep * numel) (ties to the lower flat index, as
-`shared.pruning.topk`). SparsyFed's reference code learns a threshold on a conv layer's first batch
+Per batch the kept count is exactly ceil(keep * numel). SparsyFed's reference code learns a threshold on a conv layer's first batch
 and reuses it for later batches, a speed shortcut whose kept fraction drifts; here every batch
 keeps its exact count.
 """
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shared.pruning.topk import top_indices
 
 
 def kept_count(numel: int, keep: float) -> int:
@@ -36,9 +34,14 @@ def kept_count(numel: int, keep: float) -> int:
 
 
 def prune_input(x: Tensor, keep: float) -> tuple[Tensor, Tensor]:
-    """(int32 flat indices, values) of the ceil(keep * numel) largest |x|."""
+    """(int32 flat indices, values) of the ceil(keep * numel) largest |x|.
+
+    `torch.topk`, not the stable sort of `shared.pruning.topk`: on a conv input of 800k entries it
+    is 8x faster (a full sort costs twice the layer's forward and backward on one CPU thread), and
+    how ties are broken does not matter here: tied entries of equal |x| are most often ReLU zeros,
+    which add nothing to the gradient wherever they are kept."""
     flat = x.detach().reshape(-1)
-    index = top_indices(flat.abs(), kept_count(flat.numel(), keep))
+    index = torch.topk(flat.abs(), kept_count(flat.numel(), keep), sorted=False).indices
     return index.to(torch.int32), flat[index].clone()
 
 
