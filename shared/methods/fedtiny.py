@@ -40,7 +40,7 @@ from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJo
 from shared.methods.registry import register
 from shared.pruning import ALLOCATIONS, SCORES, compute_masks, masks_from_scores
 from shared.pruning.scores import needs_data
-from shared.pruning.prune_grow import RIGL, clip_to_median_peak, merge_sparse
+from shared.pruning.prune_grow import grow_from_client_topk
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
 from shared.training import TrainResult
 
@@ -255,9 +255,7 @@ class FedTiny(Method):
     def adjust(self, gm: GlobalModel, replies: list[Reply]) -> None:
         """Merge the clients' top-k gradients of the adjusted block; prune and grow k_l weights per layer."""
         parts = {n: [r.extras[p.TOPK][n][:2] for r in replies] for n in self.pending}
-        grads = {n: merge_sparse(clip_to_median_peak(parts[n]), gm.state[n].shape, len(replies)) for n in self.pending}
-        weights = {n: gm.state[n] for n in self.pending}
-        masks, new_weights = RIGL.update(weights, {n: gm.masks[n] for n in self.pending}, grads, self.pending)
+        masks, new_weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending, len(replies))
         gm.state.update(new_weights)
         gm.set_masks({**gm.masks, **masks})
         self.adjustments += 1

@@ -143,3 +143,14 @@ def merge_sparse(parts: Sequence[tuple[Tensor, Tensor]], shape: Sequence[int] | 
             raise ValueError(f"indices out of range for shape {tuple(shape)}")
         out.index_add_(0, index.to(device), values.reshape(-1).to(dtype=dtype, device=device))
     return (out / num_clients).reshape(tuple(int(s) for s in shape))
+
+
+def grow_from_client_topk(
+    weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], parts: Mapping[str, Sequence[tuple[Tensor, Tensor]]],
+    counts: Mapping[str, int], senders: int,
+) -> tuple[Masks, dict[str, Tensor]]:
+    """The server's prune/grow from clients' top-k gradients (FedTiny, FedMef): per layer named in
+    `counts`, the clients' (index, value) parts clipped (`clip_to_median_peak`) and merged over the
+    `senders` (`merge_sparse`), then RigL's step of k_l swaps. Returns the layers' (masks, weights)."""
+    grads = {n: merge_sparse(clip_to_median_peak(parts[n]), weights[n].shape, senders) for n in counts}
+    return RIGL.update({n: weights[n] for n in counts}, {n: masks[n] for n in counts}, grads, counts)
