@@ -95,11 +95,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.set_defaults(func=_run)
     cfg = subparsers.add_parser("config", help=help_for("config"))
     cfg.add_argument("--config", help="YAML file merged onto configs/default.yaml")
+    cfg.add_argument("--reference", action="store_true",
+                     help="print the Markdown reference of every key instead (docs/configuration.md)")
     cfg.add_argument("overrides", nargs="*", help="key=value overrides")
     cfg.set_defaults(func=_config)
 
 
 def _config(args: argparse.Namespace) -> int:
+    if args.reference:
+        from simulations.cli.reference import reference
+
+        print(reference(), end="")
+        return 0
     config = load_config(args.config, args.overrides)
     preflight(config)  # the same checks as a run: data, partition, model, density
     print(to_yaml(config), end="")
