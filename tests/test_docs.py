@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,17 @@ def fenced_commands(text: str, program: str) -> list[str]:
     return commands
 
 
+def _write_guide_packages(text: str, folder: Path, monkeypatch) -> None:
+    """The guide's own packages: each python block opening with `# pkg/module.py` becomes that file,
+    importable for this test only (as from the folder a user runs `fedtiny` in)."""
+    for path, code in re.findall(r"```python\n# (\w+/\w+\.py)[^\n]*\n(.*?)```", text, re.DOTALL):
+        (folder / path).parent.mkdir(exist_ok=True)
+        (folder / path).write_text(code)
+        for name in [m for m in sys.modules if m.split(".")[0] == path.split("/")[0]]:
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(folder))
+
+
 def _synopsis(command: str) -> bool:
     return bool(re.search(r"\s\[|<[A-Za-z_]+>|\.\.\.", command))
 
@@ -108,8 +120,10 @@ def test_the_docs_have_commands_to_check() -> None:
 
 
 @pytest.mark.parametrize("path, command", DOC_COMMANDS, ids=[f"{p.name}:{c[:60]}" for p, c in DOC_COMMANDS])
-def test_every_documented_fedtiny_command_parses_and_its_config_validates(path, command, monkeypatch, capsys) -> None:
+def test_every_documented_fedtiny_command_parses_and_its_config_validates(path, command, monkeypatch, capsys,
+                                                                         tmp_path) -> None:
     monkeypatch.chdir(ROOT)
+    _write_guide_packages(_text(path), tmp_path, monkeypatch)
     words = shlex.split(command)
     for assignment in words[: words.index("fedtiny")]:
         name, _, value = assignment.partition("=")
