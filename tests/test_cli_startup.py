@@ -14,8 +14,8 @@ from pathlib import Path
 from shared import rundir
 from shared.config import METHOD_NAMES, load_config
 from simulations.cli import compare
-from simulations.cli.main import main, parse
 from simulations.cli.commands import COMMANDS, METHODS
+from simulations.cli.main import main, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 
