@@ -14,15 +14,15 @@ from simulations.cli.common import EXIT_INTERRUPTED, fail, finished, preflight, 
 
 
 def _run(args: argparse.Namespace) -> int:
+    done = finished(Path(args.resume).expanduser().resolve()) if args.resume else None
+    if done is not None:
+        status(f"{args.resume} has finished (accuracy={done['summary']['accuracy']:.4f}); nothing to resume, "
+               "nothing changed")
+        return 0
     status("checking the config, the data and the model")
     from simulations.cli.launch import RunFailed, simulate
 
     if args.resume:
-        done = finished(Path(args.resume).expanduser().resolve())
-        if done is not None:
-            status(f"{args.resume} has finished (accuracy={done['summary']['accuracy']:.4f}); nothing to resume, "
-                   "nothing changed")
-            return 0
         config = resume_config(Path(args.resume), args.overrides)
     else:
         config = load_config(args.config, args.overrides)
