@@ -14,7 +14,6 @@ from pathlib import Path
 
 from shared import rundir
 from shared.config import Config, ConfigError
-from shared.rundir import default_output_dir
 from shared.units import human_bytes
 
 EXIT_CONFIG = 2  # a configuration or flag error (one line on stderr)
@@ -27,7 +26,7 @@ def with_output_dir(config: Config, suffix: str = "") -> tuple[Config, Path]:
     if config.output_dir:
         out = Path(config.output_dir).expanduser().resolve()
     else:
-        out = default_output_dir(f"{config.method}{suffix}")
+        out = rundir.default_output_dir(f"{config.method}{suffix}")
     return replace(config, output_dir=str(out)), out
 
 

@@ -241,11 +241,12 @@ def write_outputs(results: dict[Cell, dict], out: Path, focus: str = FOCUS) -> l
     not_baselines = [DENSE, CEILING, *ablations]
     pairs = paired.markdown(paired.paired_differences(rows, focus, not_baselines), focus)
     searches = search_table(results)
+    summary = summarize(rows)
     (out / rundir.COMPARISON_MD).write_text(
-        markdown(summarize(rows))
+        markdown(summary)
         + (f"\n{focus} minus each federated baseline, seed by seed (accuracy points; a seed's runs share its data, partitions and starting model):\n\n{pairs}" if pairs else "")
         + (f"\nFedTiny's policy search (held-out loss on the search clients):\n\n{searches}" if searches else ""))
-    return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, summarize(rows), out, DENSE)]
+    return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, summary, out, DENSE)]
 
 
 def _list(text: str, cast, flag: str) -> list:
