@@ -3,7 +3,7 @@
 Each row reproduces with one command, e.g. `fedtiny run simulation.attack=huge simulation.attack_fraction=0.1`
 (`client.attacks` lists the kinds). Here every run goes through the real ServerApp and ClientApp in
 this process (`simulations.inprocess`, no Ray: the same messages and results, one core), and the
-figures print as JSON lines, then as the README table:
+figures print as JSON lines, then as a Markdown table:
 
     python -m simulations.attack_drill [--kinds huge,topk] [--method fedtiny] [key=value ...]
 

@@ -4,8 +4,7 @@ FedTiny's `fedtiny.final_bn_clients` replaces the final model's averaged BN stat
 exact pool of sampled clients' recalibrations (ABNS steps 2-3). This replays that offline on a
 finished run: `--draws` times, `--clients` clients are sampled, each recalibrates on its held-out
 split, the statistics are pooled, and the model is scored on the test split, on every client's
-held-out split and on the held-out splits of the clients not sampled. README "FedTiny's regime"
-used it to find why the recalibration gained on held-out data in tuning but not on the grid. It
+held-out split and on the held-out splits of the clients not sampled. It
 reads the test split, so settings must not be chosen by it (use `simulations.heldout`).
 
     python -m simulations.bn_recalibration RUN_DIR [RUN_DIR ...] [--clients 10] [--draws 3]

@@ -1,7 +1,6 @@
 """Score finished runs on the union of every client's held-out split, for tuning without the test set.
 
-The issue "FedTiny in its own regime" asks that hyperparameters be chosen on the clients' held-out
-data, never on the test set. A run's own federated evaluation samples `fl.clients_per_round`
+Hyperparameters are chosen on the clients' held-out data, never on the test set. A run's own federated evaluation samples `fl.clients_per_round`
 clients (about 1,900 held-out images in the regime config: a standard error near 0.8 points), too
 noisy to rank settings that differ by a point. This scores a run's final model on every client's
 held-out split (`shared.partition.client_data`, the very slices the clients hold out; 12,000

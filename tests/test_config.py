@@ -132,9 +132,22 @@ def test_ctrl_c_during_a_run_is_one_line_naming_the_resume_command(capsys, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(launch, "simulate", interrupted)
+    (tmp_path / "checkpoint.json").write_text("{}")  # a round finished before the interruption
     assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"fedtiny: interrupted; continue from the last checkpoint with: fedtiny run --resume {tmp_path}"
+
+
+def test_ctrl_c_before_the_first_checkpoint_suggests_no_resume(capsys, monkeypatch, tmp_path):
+    from simulations.cli import launch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "simulate", interrupted)
+    assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "fedtiny: interrupted before the first round's checkpoint; nothing to resume, start the run again"
 
 
 def test_sigterm_during_a_run_stops_it_like_ctrl_c(capsys, monkeypatch, tmp_path):
@@ -150,6 +163,7 @@ def test_sigterm_during_a_run_stops_it_like_ctrl_c(capsys, monkeypatch, tmp_path
 
     monkeypatch.setattr(launch, "simulate", terminated)
     previous = signal.getsignal(signal.SIGTERM)
+    (tmp_path / "checkpoint.json").write_text("{}")
     assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
     assert "fedtiny run --resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is previous

@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared import rundir
 from shared.config import Config, ConfigError, load_config
+from simulations.cli.commands import help_for
 from simulations.cli.common import fail, preflight, print_summary, with_output_dir
 from simulations.cli.launch import (
     PROJECT_ROOT,
@@ -365,10 +366,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `deploy-local` to the `fedtiny` command line."""
-    p = subparsers.add_parser(
-        "deploy-local",
-        help="run a federated job on a local SuperLink and N SuperNodes with TLS and node authentication",
-    )
+    p = subparsers.add_parser("deploy-local", help=help_for("deploy-local"))
     p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes; sets fl.num_clients (one partition each)")
     p.add_argument("--config", help="YAML file merged onto configs/default.yaml")
     p.add_argument("--port", type=int, help="node-facing port on 127.0.0.1, the fleet gate's (default: a free one)")

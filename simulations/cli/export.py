@@ -14,6 +14,7 @@ from typing import Any
 
 from shared import rundir
 from shared.config import ConfigError
+from simulations.cli.commands import help_for
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -115,7 +116,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the `export` and `infer` subcommands to the `fedtiny` parser (torch is imported only when they run)."""
-    ex = subparsers.add_parser("export", help="export a finished run's model (packed, onnx, torchscript, c)")
+    ex = subparsers.add_parser("export", help=help_for("export"))
     ex.add_argument("output_dir", help=f"output directory of a finished run ({rundir.CONFIG}, {rundir.MODEL})")
     ex.add_argument("--format", default=None, help="packed | onnx | torchscript | c (default: from the --out suffix)")
     ex.add_argument("--compact", action="store_true", help="remove channels and neurons that cannot change the logits")
@@ -123,7 +124,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--out", required=True, help="file to write: .ftc (packed), .onnx, .pt (torchscript), .h (c)")
     ex.set_defaults(func=_export)
 
-    inf = subparsers.add_parser("infer", help="accuracy and CPU latency of exported models on a test split")
+    inf = subparsers.add_parser("infer", help=help_for("infer"))
     inf.add_argument("models", nargs="+", metavar="RUN_DIR|MODEL",
                      help="run directories or exported files, timed in one process")
     inf.add_argument("--dataset", default=None, help="dataset name (default: what the models record)")

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, StreamingResponse
 
 from shared.config import ConfigError
+from simulations.cli.commands import help_for
 from simulations.cli.deploy import TlsFiles, check_port, tls_files
 
 LOG = logging.getLogger("fedtiny.fleet_gate")
@@ -173,10 +174,7 @@ def _fleet_gate(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `fleet-gate` to the `fedtiny` command line."""
-    p = subparsers.add_parser(
-        "fleet-gate",
-        help="TLS proxy that exposes only a SuperLink's Fleet API to SuperNodes (Control and Runtime stay on 127.0.0.1)",
-    )
+    p = subparsers.add_parser("fleet-gate", help=help_for("fleet-gate"))
     p.add_argument("--listen", required=True, help="HOST:PORT the SuperNodes dial, e.g. 0.0.0.0:9092")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink, e.g. 127.0.0.1:9091")
     p.add_argument("--certs", required=True, help="folder with ca.crt, server.crt, server.key (the SuperLink's)")
