@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from shared import rundir
-from shared.config import METHOD_NAMES, load_config
+from shared.config import load_config
+from shared.methods import METHODS as REGISTRY
 from simulations.cli import compare
 from simulations.cli.commands import COMMANDS, METHODS
 from simulations.cli.main import main, parse
@@ -31,8 +32,7 @@ def test_help_and_version_import_neither_torch_nor_flower() -> None:
 
 
 def test_the_static_method_list_is_the_registry() -> None:
-    load_config()  # registers the built-in methods
-    assert set(METHODS) == set(METHOD_NAMES)
+    assert set(METHODS) == set(REGISTRY.names())
 
 
 def test_each_command_is_defined_by_the_module_the_table_names() -> None:

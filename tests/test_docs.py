@@ -138,9 +138,14 @@ def test_every_documented_fedtiny_command_parses_and_its_config_validates(path, 
         return
     config = load_config(args.config, args.overrides)
     if args.command == "compare":
-        from simulations.cli import compare
+        from simulations.cli import compare, suite
 
-        compare.grid(args.methods.split(","), [float(d) for d in args.densities.split(",")], [0])
+        if args.suite:
+            for cell in suite.load(args.suite).cells():
+                compare.method_overrides(cell.method, f"suite {args.suite}")
+        else:
+            densities = args.densities or compare.DEFAULT_DENSITIES
+            compare.grid(args.methods.split(","), [float(d) for d in densities.split(",")], [0])
     elif args.command == "deploy-local":
         assert args.nodes >= 1
     assert config.method
