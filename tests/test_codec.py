@@ -765,3 +765,13 @@ def test_packed_model_naming_a_module_is_refused_without_importing_it(tmp_path, 
     with pytest.raises(ValueError, match="'evil_pkg:build' would import and run code from package 'evil_pkg', which is not trusted"):
         export.load_packed(tmp_path / "model.packed")
     assert not (tmp_path / "ran").exists()
+
+
+def test_decode_sparse_without_a_layout_bounds_the_shape_so_no_index_wraps_negative() -> None:
+    """A shape of (2**32 - 1)**3 holds index 2**64 - 1, which int64 would read as -1."""
+    data = bytearray(encode_sparse({"g": (torch.tensor([0]), torch.tensor([1.0]), (2**32 - 1,) * 3)}))
+    index_offset = 8 + 2 + 1 + 1 + 3 * 4 + 1 + 8
+    assert data[index_offset - 9] == 8  # u64 indices
+    data[index_offset : index_offset + 8] = struct.pack("<Q", 2**64 - 1)
+    with pytest.raises(codec.DecodeError, match=f"more than {codec.MAX_ELEMENTS} elements"):
+        decode_sparse(bytes(data))
