@@ -140,12 +140,10 @@ def _model_spec(spec: Mapping[str, Any], path: Path) -> ModelSpec:
 
 def _spec_from_dataset(out: Path) -> ModelSpec:
     """Runs written before `rundir.MODEL_SPEC` existed: the class count and image shape from the dataset."""
-    from omegaconf import OmegaConf
-
-    from shared.config import from_mapping
     from shared.data import load_dataset
+    from shared.saved_config import load_saved
 
-    config = from_mapping(OmegaConf.to_container(OmegaConf.load(out / rundir.CONFIG), resolve=True))
+    config = load_saved(out)  # the folder's own trusted list is not honoured
     d = config.dataset
     bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
     return ModelSpec(config.model.name, bundle.num_classes, bundle.input_shape, float(config.model.width))
