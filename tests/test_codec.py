@@ -775,3 +775,22 @@ def test_decode_sparse_without_a_layout_bounds_the_shape_so_no_index_wraps_negat
     data[index_offset : index_offset + 8] = struct.pack("<Q", 2**64 - 1)
     with pytest.raises(codec.DecodeError, match=f"more than {codec.MAX_ELEMENTS} elements"):
         decode_sparse(bytes(data))
+
+
+def test_a_deflated_payload_claiming_more_than_deflate_produces_is_refused_before_inflating() -> None:
+    data = bytearray(codec.encode({"w": torch.zeros(4096)}))
+    assert data[:3] == codec.DEFLATE_MAGIC
+    stream = len(data) - 12
+    data[4:12] = struct.pack("<Q", codec.DEFLATE_MAX_RATIO * stream + 65)
+    with pytest.raises(codec.DecodeError, match="more than deflate produces"):
+        decode(bytes(data))
+
+
+def test_decode_entry_reads_one_entry_and_steps_over_the_rest() -> None:
+    small = torch.arange(5, dtype=torch.uint8)
+    data = encode({"big": torch.zeros(2**20), "small": small}, compress=True)
+    assert torch.equal(codec.decode_entry(data, "small", 5), small)
+    with pytest.raises(codec.DecodeError, match="over 4 decoded elements"):
+        codec.decode_entry(data, "small", 4)
+    with pytest.raises(codec.DecodeError, match="no entry 'none'"):
+        codec.decode_entry(data, "none", 10)

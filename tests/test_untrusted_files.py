@@ -75,3 +75,117 @@ def test_infer_trusts_its_trust_flags_only():
     args = parse(["infer", "model.ftc", "--trust", "mine", "--trust", "yours"])
     records = {"model.ftc": {"dataset": "digits", "trusted": ["evilpkg"]}}
     assert data_settings(args, records)["trusted"] == ["mine", "yours"]
+
+
+# ----------------------------------------------------------------------------- packed model files
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """A packed file of a small pruned cnn, as `fedtiny export` writes it."""
+    import torch
+
+    from shared import export
+    from shared.pruning import compute_masks
+
+    spec = export.ModelSpec("cnn", 10, (1, 8, 8), 0.5)
+    model = spec.build()
+    masks = compute_masks(model, 0.2, allocation="erk")
+    path = tmp_path_factory.mktemp("packed") / "model.ftc"
+    export.save_packed(path, model, spec, masks, metadata={"format": "fedtiny-export", "version": 1})
+    return path, torch
+
+
+def _with_meta(packed_path, out, **changes):
+    """`packed_path` with its `__meta__` JSON changed."""
+    import json
+
+    import torch
+
+    from shared import codec
+
+    tensors, masks = codec.load(packed_path)
+    meta = json.loads(bytes(tensors["__meta__"].tolist()))
+    meta.update(changes)
+    tensors["__meta__"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    codec.save(out, tensors, masks)
+    return out
+
+
+@pytest.mark.parametrize("changes, why", [
+    ({"num_classes": 10**9}, r"num_classes 1000000000 is not in \[1, 100000\]"),
+    ({"input_shape": [1, 10**6, 10**6]}, "input_shape"),
+    ({"input_shape": [3, 4096, 4096], "width": 16.0, "model": "cnn-pool"}, "elements, over"),
+    ({"width": 1e300}, "width"),
+    ({"num_classes": "Infinity"}, "corrupt __meta__"),
+    ({"folded": [1, 2]}, "folded is not a list"),
+    ({"folded": ["no.such.layer"]}, "do not rebuild a cnn"),
+])
+def test_packed_meta_sizes_are_bounded_before_anything_is_built(packed, tmp_path, changes, why):
+    from shared import export
+
+    path = _with_meta(packed[0], tmp_path / "bad.ftc", **changes)
+    with pytest.raises(ValueError, match=why) as err:
+        export.load_packed(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_packed_entry_larger_than_its_architecture_is_refused_from_its_header(packed, tmp_path):
+    """31 bytes of a delta-coded all-False mask could claim a tensor of 2**26 elements."""
+    import torch
+
+    from shared import codec, export
+
+    tensors, masks = codec.load(packed[0])
+    name = next(n for n in masks)
+    big = (tensors[name].shape[0] * 1000, *tensors[name].shape[1:])
+    tensors[name], masks[name] = torch.zeros(big), torch.zeros(big, dtype=torch.bool)
+    codec.save(tmp_path / "big.ftc", tensors, masks)
+    assert (tmp_path / "big.ftc").stat().st_size < 100_000
+    with pytest.raises(codec.DecodeError, match=f"entry '{name}' claims shape .*, expected at most"):
+        export.load_packed(tmp_path / "big.ftc")
+
+
+FUZZ_VALUES = [0, -1, 2, 10**9, 3.5, "x", "vgg11", None, True, [], [1], [3, 8, 8], [1, 2, 3, 4], ["features.1"],
+               ["classifier"], ["features.0", "features.0"], {"a": 1}]
+
+
+def test_fuzzed_packed_files_load_or_give_one_value_error(packed, tmp_path):
+    """Random bytes, cuts and `__meta__` values: each file loads or is one ValueError line, never
+    another exception."""
+    import random
+
+    from shared import export
+
+    data = packed[0].read_bytes()
+    rng = random.Random(0)
+    path = tmp_path / "fuzz.ftc"
+    loaded = 0
+    for _ in range(800):
+        blob = bytearray(data)
+        kind = rng.random()
+        if kind < 0.3:
+            for _ in range(rng.randint(1, 4)):
+                blob[rng.randrange(len(blob))] = rng.randrange(256)
+        elif kind < 0.5:
+            blob = blob[: rng.randrange(len(blob))]
+        elif kind < 0.6:
+            at = rng.randrange(len(blob) - 8)
+            blob[at : at + 8] = rng.randbytes(8)
+        else:
+            keys = rng.sample(["model", "width", "num_classes", "input_shape", "folded", "compact", "version"], 2)
+            blob = bytearray(_with_meta(packed[0], tmp_path / "meta.ftc",
+                                        **{k: rng.choice(FUZZ_VALUES) for k in keys}).read_bytes())
+        path.write_bytes(bytes(blob))
+        try:
+            export.load_packed(path)
+            loaded += 1
+        except ValueError as exc:
+            assert "\n" not in str(exc)
+    assert loaded < 800
+
+
+def test_infer_of_a_corrupt_packed_file_is_one_line_and_exit_2(packed, tmp_path, capsys):
+    path = _with_meta(packed[0], tmp_path / "bad.ftc", num_classes=10**9)
+    assert cli_main(["infer", str(path), "--dataset", "digits"]) == 2
+    assert "num_classes 1000000000" in _one_line(capsys)
