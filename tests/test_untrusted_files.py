@@ -189,3 +189,88 @@ def test_infer_of_a_corrupt_packed_file_is_one_line_and_exit_2(packed, tmp_path,
     path = _with_meta(packed[0], tmp_path / "bad.ftc", num_classes=10**9)
     assert cli_main(["infer", str(path), "--dataset", "digits"]) == 2
     assert "num_classes 1000000000" in _one_line(capsys)
+
+
+# ----------------------------------------------------------------------------- C headers
+
+needs_cc = pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="no C compiler")
+
+
+@pytest.fixture(scope="module")
+def header(tmp_path_factory):
+    """A C header of a small pruned cnn on digits, as `fedtiny export --format c` writes it."""
+    from shared import export
+    from shared.pruning import compute_masks
+
+    spec = export.ModelSpec("cnn", 10, (1, 8, 8), 0.5)
+    model = spec.build()
+    compute_masks(model, 0.2, allocation="erk")
+    meta = {"format": "fedtiny-export", "version": 1, "model": "cnn", "num_classes": 10, "input_shape": [1, 8, 8],
+            "density": 0.2, "dataset": "digits", "seed": 0, "test_fraction": 0.2,
+            "normalization": {"divide_by": 16.0, "mean": [0.3], "std": [0.4]}}
+    path = tmp_path_factory.mktemp("header") / "model.h"
+    export.save_c(path, model, meta)
+    return path
+
+
+CONSTRUCTOR = '__attribute__((constructor)) static void sent(void) {{ fclose(fopen("{marker}", "w")); }}\n'
+
+
+def _in_model_name(text, name):
+    """The header the exporter would write for a model of this name (the first comment prints it as it is)."""
+    import json
+
+    escaped = json.dumps(name).replace("*/", "*\\/")
+    return text.replace("model cnn,", f"model {name},", 1).replace('"model": "cnn"', f'"model": {escaped}', 1)
+
+
+def _variant(header, tmp_path, edit):
+    path = tmp_path / "sent.h"
+    path.write_text(edit(header.read_text()))
+    return path
+
+
+@needs_cc
+@pytest.mark.parametrize("edit", [
+    lambda text, code: text.replace("#endif\n", code + "#endif\n"),
+    lambda text, code: text.replace('#include "fedtiny_infer.h"\n', '#include "fedtiny_infer.h"\n#include <stdio.h>\n' + code),
+    lambda text, code: _in_model_name(text, "cnn */ int system(const char *); " + code.strip().replace(
+        'fclose(fopen("', 'system("touch ').replace('", "w"))', '")') + " /*"),
+], ids=["appended", "after-include", "in-model-name"])
+def test_infer_of_a_header_that_would_run_code_never_runs_it(header, tmp_path, capsys, edit):
+    marker = tmp_path / "ran"
+    path = _variant(header, tmp_path, lambda text: edit(text, CONSTRUCTOR.format(marker=marker)))
+    assert cli_main(["infer", str(path)]) == 2
+    assert not marker.exists()
+    assert "not a header written by `fedtiny export --format c`" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda t: t.replace("static const uint16_t ft_l0_col[", "static const uint16_t ft_l0_col_[", 1), "does not hold"),
+    (lambda t: t.replace("{FT_CONV2D, 1, 8, 8,", "{FT_CONV2D, 9, 8, 8,", 1), "do not follow"),
+    (lambda t: t.replace("{FT_LINEAR,", "{FT_RELU,", 1), r"output \(64, 1, 1\) for input"),
+    (lambda t: t.replace("#define FEDTINY_DATA_BYTES ", "#define FEDTINY_DATA_BYTES 1", 1), "line 9 differs"),
+    (lambda t: t.replace('"num_classes": 10', '"num_classes": "10, 0); system(0"'), "metadata lacks"),
+])
+def test_a_header_whose_arrays_or_table_disagree_is_refused_before_compiling(header, tmp_path, edit, why):
+    from shared.export.c_reader import HeaderError, check_header
+
+    assert check_header(header) == header.read_text()
+    with pytest.raises(HeaderError, match=why) as err:
+        check_header(_variant(header, tmp_path, edit))
+    assert "\n" not in str(err.value)
+
+
+def test_a_column_index_past_its_layer_is_refused_even_in_the_exporters_format(header, tmp_path):
+    """A header regenerated exactly from arrays whose last column index points past the layer's inputs."""
+    import re
+
+    from shared.export.c_reader import HeaderError, check_header
+
+    def edit(text):
+        body = re.search(r"static const uint16_t ft_l0_col\[\d+\] = \{\n    (.*?)\n\};", text, re.S)
+        items = body.group(1).split(", ")
+        return text.replace(body.group(0), body.group(0).replace(body.group(1), ", ".join([*items[:-1], "9"])))
+
+    with pytest.raises(HeaderError, match="column 9 of 9"):
+        check_header(_variant(header, tmp_path, edit))
