@@ -24,6 +24,8 @@ from typing import Any, Iterable, Iterator, Mapping
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from shared.bounds import check_bounds
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 BUILTIN_METHODS = "server.methods"  # importing this package registers the built-in methods and their sections
@@ -380,7 +382,7 @@ def validate(c: Config) -> None:
 
     def check(ok: bool, key: str, why: str) -> None:
         if not ok:
-            raise ConfigError(f"config key {key!r} {why} (got {_get(c, key)!r})")
+            raise ConfigError(f"config key {key!r} {why} (got {_get(c, key)!r:.200})")
 
     check(c.method in METHOD_NAMES or ":" in c.method, "method",
           f"must be one of {', '.join(sorted(METHOD_NAMES))} (or package.module:Class from a trusted package)")
@@ -424,6 +426,7 @@ def validate(c: Config) -> None:
     check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")
     check(c.simulation.attack in ATTACKS, "simulation.attack", f"must be one of {', '.join(ATTACKS)}")
     check(0.0 <= c.simulation.attack_fraction < 0.5, "simulation.attack_fraction", "must be in [0, 0.5)")
+    check_bounds(c, check)  # finite but absurd values (shared.bounds)
     for section in c.sections.values():
         if hasattr(section, "validate"):
             section.validate(c, check)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from shared.registry import Registry
+from shared.registry import Registry, call_user
 
 if TYPE_CHECKING:
     from shared.config import Config
@@ -99,7 +99,7 @@ def _load_cached(name: str, path: str, seed: int, test_fraction: float, trusted:
     if name in DATASETS:
         result = loader(path, seed, test_fraction)
     else:
-        result = _call_user_loader(loader, path=path, seed=seed, test_fraction=test_fraction)
+        result = call_user(_call_user_loader, f"dataset {name!r}", loader, path=path, seed=seed, test_fraction=test_fraction)
     bundle = _as_bundle(result, name)
     for array in (bundle.x_train, bundle.y_train, bundle.x_test, bundle.y_test):
         array.setflags(write=False)
