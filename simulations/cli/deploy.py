@@ -271,6 +271,7 @@ def deploy_local(
         given.check()
     run_dir = out / rundir.DEPLOY_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # keys, certificates, the SuperLink's state and the CLI's connection: this user's only
     tls = given or make_tls(run_dir / "certs", (host, "localhost"))
     address = f"{host}:{port}"  # what the SuperNodes dial: the fleet gate
     run_config = out / rundir.RUN_CONFIG
