@@ -67,7 +67,8 @@ def import_callable(spec: str, kind: str = "callable", trusted: Iterable[str] = 
     if package not in set(trusted):
         raise ValueError(
             f"{kind} {spec!r} would import and run code from package {package!r}, which is not trusted; "
-            f"if you trust it, add it to the config: trusted=[{package}]"
+            f"if you trust it, add it to the config: trusted=[{package}] (fedtiny infer: --trust {package}; "
+            f"a run folder's own trusted list is never used)"
         )
     find_in_user_dir(package)
     try:
