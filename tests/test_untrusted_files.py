@@ -60,6 +60,16 @@ def test_infer_never_takes_trust_from_the_run_folder(sent_folder, capsys):
     assert "'evilpkg', which is not trusted" in _one_line(capsys)
 
 
+def test_export_of_an_older_run_folder_never_takes_its_trust(sent_folder, capsys):
+    """A run folder without model-spec.json (older runs) is rebuilt from its config.yaml."""
+    write, marker = sent_folder
+    folder = write(method="evilpkg:M")
+    (folder / "model.ftc").write_bytes(b"")
+    assert cli_main(["export", str(folder), "--out", str(folder / "m.ftc")]) == 2
+    assert not marker.exists()
+    assert "'evilpkg', which is not trusted" in _one_line(capsys)
+
+
 def test_resume_trusts_what_its_command_line_says(sent_folder):
     write, marker = sent_folder
     folder = write(method="fedavg")
