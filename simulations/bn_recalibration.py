@@ -20,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import rundir
 from shared.batchnorm import load_stats, pool_stats, recalibrate
-from shared.config import load_config
 from shared.data import batches, load_for
 from shared.export.spec import load_run
 from shared.partition import every_client_data
+from shared.saved_config import load_saved
 from shared.training import evaluate
 from simulations.heldout import heldout_of, print_each
 
@@ -44,7 +43,7 @@ def _scores(model, bundle, heldout: tuple, unsampled: tuple | None) -> dict:
 
 def replay(run_dir: Path, clients: int, draws: int, seed: int = 0) -> dict:
     """Accuracies of `run_dir`'s final model as it ended and after each draw's pooled recalibration."""
-    config = load_config(run_dir / rundir.CONFIG)
+    config = load_saved(run_dir)
     model, _, _ = load_run(run_dir)
     ended = {k: v.clone() for k, v in model.state_dict().items()}
     bundle = load_for(config)

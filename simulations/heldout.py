@@ -22,11 +22,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from shared import rundir
-from shared.config import ConfigError, load_config
+from shared.config import ConfigError
 from shared.data import batches, load_for
 from shared.export.spec import load_run
 from shared.partition import ClientData, every_client_data
+from shared.saved_config import load_saved
 from shared.training import evaluate
 
 
@@ -45,7 +45,7 @@ def heldout_union(config) -> tuple[object, np.ndarray, np.ndarray]:
 
 def score(run_dir: Path) -> dict:
     """The final model of `run_dir` on the union of its clients' held-out splits."""
-    config = load_config(run_dir / rundir.CONFIG)
+    config = load_saved(run_dir)
     model, _, _ = load_run(run_dir)
     bundle, x, y = heldout_union(config)
     result = evaluate(model, batches(bundle, x, y, 512, False, 0))

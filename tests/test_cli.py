@@ -188,3 +188,21 @@ def test_the_readme_recipe_runs_a_users_model_and_data_from_the_current_director
             "trusted=mypkg", "pruning.keep_first_dense=false", "fl.rounds=2", "fl.num_clients=4", f"output_dir={out}"]
     assert cli_main(args) == 0
     assert (out / "metrics.json").exists() and not (out / ".flwr").exists()
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["model.name=.os:system", "trusted=['']"], "is not package.module:name"),
+    (["model.name=json.__init__:loads", "trusted=[json]"], "model 'json.__init__:loads' failed: TypeError"),
+    (["dataset.name=json:loads", "trusted=[json]"], "dataset 'json:loads' failed: TypeError"),
+    (["output_dir=/tmp/" + "a" * 300], "'output_dir' must be a path"),
+])
+def test_names_and_paths_that_ended_in_a_traceback_are_one_line_and_exit_2(capsys, no_run, overrides, why):
+    assert cli_main(["run", *overrides]) == 2
+    assert why in one_line_error(capsys)
+
+
+def test_an_output_dir_the_file_system_cannot_hold_is_one_line(tmp_path):
+    from shared.config import Config
+
+    with pytest.raises(common.ConfigError, match="cannot be a folder here"):
+        common.check_output_dir(Config(output_dir=str(tmp_path) + ("/" + "a" * 250) * 17))  # over PATH_MAX

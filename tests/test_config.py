@@ -198,3 +198,26 @@ def test_an_output_dir_under_a_regular_file_is_refused_before_the_run(tmp_path):
     with pytest.raises(ConfigError, match="is a file, so .* cannot be a folder"):
         check_output_dir(load_config(None, [f"output_dir={tmp_path / 'file' / 'run'}"]))
     check_output_dir(load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"]))  # creatable: fine
+
+
+@pytest.mark.parametrize("override, why", [
+    ("fl.round_timeout=1e300", r"'fl.round_timeout' must be in \[0, 604,800\]"),
+    ("fl.lr=1e308", r"'fl.lr' must be in \[0, 10\]"),
+    ("fl.rounds=100000000000", r"'fl.rounds' must be in \[1, 100,000\]"),
+    ("fl.batch_size=1000000000000", r"'fl.batch_size' must be in \[1, 65,536\]"),
+    ("fl.local_epochs=1000000", r"'fl.local_epochs' must be in \[1, 1,000\]"),
+    ("seed=-1", r"'seed' must be in \[0, 4,294,967,295\]"),
+    ("fedtiny.alpha=1e300", r"'fedtiny.alpha' must be in \[-1,000,000,000, 1,000,000,000\]"),
+    ("output_dir=" + "a" * 100_000, "'output_dir' must be a path of at most 4096 characters"),
+])
+def test_finite_but_absurd_values_are_refused_in_one_short_line(override, why):
+    with pytest.raises(ConfigError, match=why) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_every_shipped_config_is_within_the_bounds():
+    from shared.config import CONFIG_DIR
+
+    for path in CONFIG_DIR.glob("*.yaml"):
+        load_config(path)

@@ -46,7 +46,10 @@ def preflight(config: Config) -> None:
 def check_output_dir(config: Config) -> None:
     """The run's output folder must be creatable and writable (it is where the run resumes from)."""
     path = with_output_dir(config)[1]
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ConfigError(f"config key 'output_dir': {path} cannot be a folder here ({exc.strerror}); choose another output_dir") from None
     if not existing.is_dir():
         raise ConfigError(f"config key 'output_dir': {existing} is a file, so {path} cannot be a folder; choose another output_dir")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -272,15 +272,18 @@ def deploy_local(
         given.check()
     run_dir = out / rundir.DEPLOY_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # keys, certificates, the SuperLink's state and the CLI's connection: this user's only
     tls = given or make_tls(run_dir / "certs", (host, "localhost"))
     address = f"{host}:{port}"  # what the SuperNodes dial: the fleet gate
     run_config = out / rundir.RUN_CONFIG
     write_run_config(config, run_config)
     (out / rundir.METRICS).unlink(missing_ok=True)  # success is judged by this run's metrics.json only
 
+    from simulations.cli.fleet_gate import body_limit
+
     with _stop_on_sigterm(), ExitStack() as stack:
         cli_env = stack.enter_context(running_superlink(run_dir, tls, host, superlink_port))
-        stack.enter_context(running_gate(run_dir, tls, (host, port), f"{host}:{superlink_port}"))
+        stack.enter_context(running_gate(run_dir, tls, (host, port), f"{host}:{superlink_port}", body_limit(config)))
         for i in range(nodes):
             key = make_node_key(run_dir / "keys", f"node-{i}")
             register_node(cli_env, key, f"node-{i}")
@@ -304,12 +307,15 @@ def running_superlink(run_dir: Path, tls: TlsFiles, host: str, port: int) -> Ite
 
 
 @contextmanager
-def running_gate(run_dir: Path, tls: TlsFiles, listen: tuple[str, int], superlink: str) -> Iterator[subprocess.Popen]:
-    """`fedtiny fleet-gate` on `listen`, forwarding only the Fleet API to `superlink`; log in `run_dir/fleet-gate.log`."""
+def running_gate(run_dir: Path, tls: TlsFiles, listen: tuple[str, int], superlink: str,
+                 max_body: int | None = None) -> Iterator[subprocess.Popen]:
+    """`fedtiny fleet-gate` on `listen`, forwarding only the Fleet API (bodies up to `max_body` bytes, else
+    the gate's default) to `superlink`; log in `run_dir/fleet-gate.log`."""
     log_file = run_dir / GATE_LOG
     cmd = [
         sys.executable, "-m", "simulations.cli", "fleet-gate", "--listen", f"{listen[0]}:{listen[1]}",
         "--superlink", superlink, "--certs", str(tls.ca_cert.parent),
+        *(["--max-body-bytes", str(max_body)] if max_body else []),
     ]
     with process(cmd, flower_env(run_dir / "fleet-gate", listen[1]), log_file) as gate:
         try:

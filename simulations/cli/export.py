@@ -52,7 +52,8 @@ def _agreed(records: dict[str, dict[str, Any]], key: str, hint: str) -> Any:
 
 
 def data_settings(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """dataset, path, seed, test_fraction and trusted packages for `infer`: flags over recorded values."""
+    """dataset, path, seed, test_fraction and trusted packages for `infer`: flags over recorded values
+    (trusted packages come from `--trust` flags alone)."""
     if args.dataset is not None:
         for path, r in records.items():
             if r.get("dataset") not in (None, args.dataset):
@@ -67,7 +68,7 @@ def data_settings(args: argparse.Namespace, records: dict[str, dict[str, Any]]) 
         records, "test_fraction", "pass --test-fraction to choose")
     path = args.dataset_path if args.dataset_path is not None else _agreed(
         records, "dataset_path", "pass --dataset-path to choose")
-    trusted = sorted({t for r in records.values() for t in r.get("trusted") or ()})
+    trusted = list(args.trust or ())  # from the command line only, never from a run folder or file
     return {"dataset": dataset, "path": path or "", "seed": 0 if seed is None else int(seed),
             "test_fraction": 0.2 if fraction is None else float(fraction), "trusted": trusted}
 
@@ -133,6 +134,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     inf.add_argument("--seed", type=int, default=None, help="split seed (default: the recorded one, else 0)")
     inf.add_argument("--test-fraction", type=float, default=None,
                      help="dataset.test_fraction (default: the recorded one, else 0.2)")
+    inf.add_argument("--trust", action="append", metavar="PACKAGE",
+                     help="trust this package's code for a package.module:loader --dataset (repeatable); "
+                          "a run folder's own trusted list is never used")
     inf.add_argument("--batch-size", type=int, default=64)
     inf.add_argument("--repeats", type=int, default=20, help="timed batches for the median latency")
     inf.set_defaults(func=_infer)

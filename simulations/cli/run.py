@@ -9,6 +9,7 @@ from pathlib import Path
 
 from shared import rundir
 from shared.config import Config, ConfigError, load_config, to_flat, to_yaml
+from shared.saved_config import load_saved
 from simulations.cli.commands import METHODS, help_for
 from simulations.cli.common import EXIT_INTERRUPTED, fail, finished, preflight, print_summary, status, with_output_dir
 
@@ -65,7 +66,10 @@ OPERATIONAL_SECTIONS = ("simulation.",)  # processes, CPUs, GPUs, Ray cluster, d
 
 def resume_config(out: Path, overrides: list[str]) -> Config:
     """The saved config of a run, set to continue from its last checkpoint; an override that would change
-    what the run computes (method, density, model, data, seed, rounds, schedule, ...) is refused in one line."""
+    what the run computes (method, density, model, data, seed, rounds, schedule, ...) is refused in one line.
+
+    The folder's own `trusted` list is ignored (`shared.saved_config`): packages are trusted only by a
+    `trusted=...` override on this command line."""
     from server.checkpoint import exists
 
     out = out.expanduser().resolve()
@@ -73,8 +77,9 @@ def resume_config(out: Path, overrides: list[str]) -> Config:
         raise ConfigError(
             f"{out} has no {rundir.CONFIG} and {rundir.CHECKPOINT} to resume from; pass a run's output directory"
         )
-    saved = to_flat(load_config(out / rundir.CONFIG, ["resume=true", f"output_dir={out}"]))
-    config = load_config(out / rundir.CONFIG, [*overrides, "resume=true", f"output_dir={out}"])
+    trust = [o for o in overrides if o.partition("=")[0].strip() == "trusted"]
+    saved = to_flat(load_saved(out, [*trust, "resume=true", f"output_dir={out}"]))
+    config = load_saved(out, [*overrides, "resume=true", f"output_dir={out}"])
     for key, value in to_flat(config).items():
         if value != saved.get(key) and key not in OPERATIONAL and not key.startswith(OPERATIONAL_SECTIONS):
             raise ConfigError(
