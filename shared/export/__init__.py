@@ -34,8 +34,8 @@ import os
 from pathlib import Path
 
 from shared import rundir
-from shared.export.c_export import build as build_c
-from shared.export.c_export import run_binary as run_c
+from shared.export.c_build import build as build_c
+from shared.export.c_build import run_binary as run_c
 from shared.export.c_export import save_c
 
 from shared.export.compaction import compact, compact_state

@@ -5,7 +5,7 @@ marked `__attribute__((constructor))` runs before `main`), and arrays that disag
 layer table make the runtime read out of bounds. So before any header is compiled, `check_header`
 parses its arrays, layer table and metadata, checks that every index the runtime reads is in
 bounds, and regenerates the header from what it parsed with the exporter's own `header_text`: only
-a header equal to that, byte for byte, is compiled (`c_export.build` compiles the checked text).
+a header equal to that, byte for byte, is compiled (`c_build.build` compiles the checked text).
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def load_predictor(path: str | os.PathLike) -> tuple[str, Predictor]:
 def _c_predictor(path: str | os.PathLike) -> Predictor:
     import tempfile
 
-    from shared.export.c_export import build, run_binary
+    from shared.export.c_build import build, run_binary
 
     workdir = tempfile.TemporaryDirectory(prefix="fedtiny-c-")
     binary = build(path, workdir.name)
