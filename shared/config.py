@@ -40,6 +40,39 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SyntheticConfig:
+    """FedProx's Synthetic(alpha, beta) (shared.synthetic), read when dataset.name=synthetic."""
+
+    alpha: float = 1.0  # how much the clients' models differ (std of u_k)
+    beta: float = 1.0  # how much the clients' inputs differ (std of B_k)
+    dimension: int = 60  # features per sample
+    classes: int = 10
+    min_samples: int = 50  # a client's samples: a power law from min_samples, P(n >= m) = (m / min_samples)^-power,
+    max_samples: int = 1000  # truncated at max_samples
+    power: float = 1.5
+    test_clients: int = 100  # held-out clients (a separate seed stream) whose data are the test set
+
+    def validate(self, c: Config, check) -> None:
+        from shared.partition import min_client_size
+
+        key = "dataset.synthetic."
+        for name in ("alpha", "beta", "power"):
+            check(math.isfinite(getattr(self, name)), key + name, "must be a finite number")
+        check(self.alpha >= 0, key + "alpha", "must be >= 0")
+        check(self.beta >= 0, key + "beta", "must be >= 0")
+        check(self.power > 0, key + "power", "must be > 0")
+        check(1 <= self.dimension <= 4096, key + "dimension", "must be in [1, 4096]")
+        check(2 <= self.classes <= 1000, key + "classes", "must be in [2, 1000]")
+        need = min_client_size(c.dataset.holdout) if c.dataset.name == "synthetic" else 1
+        check(need <= self.min_samples, key + "min_samples",
+              f"must be at least {need} (2 to train and 2 held out at dataset.holdout={c.dataset.holdout:g})")
+        check(self.min_samples <= self.max_samples <= 100_000, key + "max_samples", "must be in [min_samples, 100000]")
+        check(1 <= self.test_clients <= 10_000, key + "test_clients", "must be in [1, 10000]")
+        check(self.test_clients * self.max_samples * self.dimension <= 2**28, key + "test_clients",
+              "x max_samples x dimension must be at most 2^28 (a test set of at most 1 GiB)")
+
+
+@dataclass
 class DatasetConfig:
     name: str = "digits"
     path: str = ""  # empty: the dataset's default location
@@ -47,6 +80,7 @@ class DatasetConfig:
     alpha: float = 0.5  # Dirichlet concentration (label skew)
     holdout: float = 0.2  # fraction of each client's data held out (adaptive BN selection, evaluation)
     test_fraction: float = 0.2  # central test split for datasets without one (digits)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -389,6 +423,7 @@ def validate(c: Config) -> None:
     check(c.dataset.alpha > 0, "dataset.alpha", "must be > 0")
     check(0.0 < c.dataset.holdout < 1.0, "dataset.holdout", "must be in (0, 1)")
     check(0.0 < c.dataset.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
+    c.dataset.synthetic.validate(c, check)
     for key, value in _floats(c):
         check(math.isfinite(value), key, "must be a finite number")
     check(0 < c.model.width <= MAX_WIDTH, "model.width", f"must be in (0, {MAX_WIDTH}] (a multiple of the model's channels)")
