@@ -58,6 +58,9 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
         config = load_config(CONFIGS / "synthetic.yaml", [
             f"fl.num_clients={n}", f"fl.clients_per_round={per_round}", f"fedtiny.search_clients={per_round}",
             f"fl.rounds={2 if args.smoke else 3}", "simulation.virtual_partitions=true",
+            # The first round's messages wait while Flower's simulation builds a context for every
+            # virtual node (about 5 ms each on this machine): minutes at 100,000.
+            "fl.round_timeout=3600",
         ])
         out = work / f"scale-{n}"
         note(f"scale: {n} clients, {per_round} per round, {config.fl.rounds} rounds -> {out}")
