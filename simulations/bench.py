@@ -22,6 +22,7 @@ from typing import Callable
 
 from shared import rundir
 from shared.config import load_config
+from simulations.cli.launch import RunFailed
 from simulations.harness import CONFIGS, LineClock, bench_config, run_fedtiny, run_plain
 from simulations.ray_cluster import left_behind, local_cluster, probe
 from simulations.monitor import TreeMonitor
@@ -65,11 +66,20 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
         out = work / f"scale-{n}"
         note(f"scale: {n} clients, {per_round} per round, {config.fl.rounds} rounds -> {out}")
         start, load_before = time.monotonic(), os.getloadavg()
-        with TreeMonitor(marker=str(out)) as mon, LineClock(out / rundir.RUN_LOG, ["output directory", "partitions to virtual clients"]) as clock:
-            metrics = run_fedtiny(config, out)
-        rounds = [r for r in metrics["rounds"] if r["round"] >= 1]
+        with (TreeMonitor(str(out), limit_mb=args.limit_mb, limit_s=args.limit_s) as mon,
+              LineClock(out / rundir.RUN_LOG, ["output directory", "partitions to virtual clients"]) as clock):
+            try:
+                metrics = run_fedtiny(config, out)
+            except RunFailed:
+                if not mon.stopped:
+                    raise
         registered = clock.seen.get("partitions to virtual clients")
         began = clock.seen.get("output directory")
+        if mon.stopped:
+            runs.append(_stopped_run(n, mon, registered, began, start, load_before))
+            note(f"scale: {runs[-1]}")
+            continue
+        rounds = [r for r in metrics["rounds"] if r["round"] >= 1]
         runs.append({
             "clients": n,
             "peak_rss_mb": round(mon.result.peak_rss_mb, 1),
@@ -86,10 +96,27 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
         })
         note(f"scale: {runs[-1]}")
     result = {"scale": runs}
+    runs = [r for r in runs if "stopped" not in r]
     if len(runs) >= 2:
         result["rss_growth"] = round(runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
         result["pss_growth"] = round(runs[-1]["peak_pss_mb"] / runs[0]["peak_pss_mb"], 3)
     return result
+
+
+def _stopped_run(n: int, mon: TreeMonitor, registered: float | None, began: float | None, start: float,
+                 load_before: tuple[float, ...]) -> dict:
+    """What a run stopped by --limit-mb / --limit-s got to: its memory, and whether the server knew every node."""
+    return {
+        "clients": n,
+        "stopped": mon.stopped,
+        "peak_rss_mb": round(mon.result.peak_rss_mb, 1),
+        "peak_pss_mb": round(mon.result.peak_pss_mb, 1),
+        "pss_at_peak_mb": mon.result.pss_at_peak_mb,
+        "server_started": began is not None,
+        "register_seconds": round(registered - began, 2) if registered and began else None,
+        "wall_seconds": round(time.monotonic() - start, 1),
+        "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
+    }
 
 
 @benchmark("overhead")
@@ -229,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--clients", type=int, nargs="*", help="scale only: fleet sizes to run (default 1000 10000)")
+    parser.add_argument("--limit-mb", type=float, default=0, help="scale only: stop a run whose tree's PSS passes this (0: none)")
+    parser.add_argument("--limit-s", type=float, default=0, help="scale only: stop a run after this many seconds (0: none)")
     parser.add_argument("--work-dir", type=Path, help="where runs write their outputs (default: a temp dir)")
     parser.add_argument("--config", type=Path, help="bytes only: the job's YAML (default configs/fashion-mnist.yaml)")
     args = parser.parse_args(argv)

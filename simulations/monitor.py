@@ -9,8 +9,11 @@ PSS is summed too: it splits each shared page among the processes that map it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,16 +139,31 @@ class Poller:
 
 
 class TreeMonitor(Poller):
-    """`with TreeMonitor(marker) as m: ...`, then read `m.result` (this process itself is left out)."""
+    """`with TreeMonitor(marker) as m: ...`, then read `m.result` (this process itself is left out).
 
-    def __init__(self, marker: str = "", interval: float = 0.5) -> None:
+    With `limit_mb` or `limit_s` (0: none) it stops the tree (SIGTERM to every process in it) once
+    the tree's PSS passes `limit_mb` or `limit_s` seconds have gone by, and says why in `stopped`:
+    a run that would exhaust a shared machine ends with figures instead of an out-of-memory kill.
+    """
+
+    def __init__(self, marker: str = "", interval: float = 0.5, limit_mb: float = 0, limit_s: float = 0) -> None:
         super().__init__(interval)
         self.marker = marker
         self.result = TreeMemory()
+        self.limit_mb, self.limit_s = limit_mb, limit_s
+        self.stopped = ""
         self._me = os.getpid()
+        self._start = time.monotonic()
 
     def poll(self) -> None:
-        rss, pss, names, by_kind = memory_mb(tree(self._me, self.marker))
+        pids = tree(self._me, self.marker)
+        rss, pss, names, by_kind = memory_mb(pids)
+        elapsed = time.monotonic() - self._start
+        if not self.stopped and (self.limit_mb and pss > self.limit_mb or self.limit_s and elapsed > self.limit_s):
+            self.stopped = f"stopped after {elapsed:.0f} s at PSS {pss:.0f} MB (limits: {self.limit_mb:g} MB, {self.limit_s:g} s)"
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM)
         r = self.result
         r.samples += 1
         r.peak_rss_mb = max(r.peak_rss_mb, rss)
