@@ -89,6 +89,7 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
             "seconds_per_round": round(_median([r["seconds"] for r in rounds]), 3),
             "search_seconds": round(metrics["rounds"][0]["seconds"], 3),
             "register_seconds": round(registered - began, 2) if registered and began else None,
+            "nodes_known_seconds": round(registered - start, 1) if registered else None,  # from launch
             "wall_seconds": round(time.monotonic() - start, 1),
             "accuracy": metrics["summary"]["accuracy"],
             "federated_accuracy": metrics["summary"].get("federated_accuracy"),
@@ -114,6 +115,7 @@ def _stopped_run(n: int, mon: TreeMonitor, registered: float | None, began: floa
         "pss_at_peak_mb": mon.result.pss_at_peak_mb,
         "server_started": began is not None,
         "register_seconds": round(registered - began, 2) if registered and began else None,
+        "nodes_known_seconds": round(registered - start, 1) if registered else None,
         "wall_seconds": round(time.monotonic() - start, 1),
         "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
     }
