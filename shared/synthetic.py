@@ -9,8 +9,9 @@ of v_k is N(B_k, 1) with B_k ~ N(0, beta): beta sets how much their inputs diffe
 reference code, alpha and beta are standard deviations. The shift u_k moves every class's logit
 alike (by u_k (sum(x) + 1)), so labels come from each client's own N(0, 1) deviations in W_k and
 b_k: clients label alike only by chance, whatever alpha, and a global model scores near chance on
-clients it never saw; its federated accuracy (on each client's own held-out slice) is the
-meaningful one on this data.
+clients it never saw (the test set). The data set is made to stress heterogeneity and scale, not
+to rank methods by accuracy; the federated accuracy (on the sampled clients' own held-out slices)
+says how well one model fits the clients it trains on.
 
 The paper says only that client sizes follow a power law; here a client holds
 n_k = min(max_samples, floor(min_samples * U_k^(-1/power))) samples with U_k uniform in (0, 1], so
