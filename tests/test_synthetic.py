@@ -4,6 +4,7 @@ alpha and beta say, power-law sizes, and no cost that grows with the fleet."""
 from __future__ import annotations
 
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,3 +120,10 @@ def test_settings_reach_the_generator():
     narrow = load_for(_config("dataset.synthetic.dimension=5", "dataset.synthetic.classes=3"))
     assert narrow.input_shape == (1, 1, 5) and narrow.num_classes == 3
     assert _client(narrow, 10, 0).x_train.shape[1:] == (1, 1, 5)
+
+
+def test_a_fleet_of_a_hundred_thousand_passes_the_checks_before_a_run(tmp_path):
+    from simulations.cli.common import preflight
+
+    config_file = Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml"
+    preflight(load_config(config_file, ["fl.num_clients=100000", f"output_dir={tmp_path / 'run'}"]))
