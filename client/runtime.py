@@ -44,11 +44,19 @@ class ClientRuntime:
         return lambda epoch: batches(self.bundle, d.x_train, d.y_train, bs, True, seed * 1009 + epoch)
 
     def holdout_batches(self) -> list:
+        """The held-out split in order. A last batch of one example joins the batch before it: BN
+        recalibration (train mode) cannot normalize one example, and the node's statistics must
+        cover every example it reports (`server.replies.check_bn`)."""
         d = self.data
         if self.device.type != "cpu":
             x, y = self._on_device("holdout", d.x_holdout, d.y_holdout)
-            return list(DeviceBatches(x, y, self.config.fl.batch_size, False, 0))
-        return list(batches(self.bundle, d.x_holdout, d.y_holdout, self.config.fl.batch_size, False, 0))
+            out = list(DeviceBatches(x, y, self.config.fl.batch_size, False, 0))
+        else:
+            out = list(batches(self.bundle, d.x_holdout, d.y_holdout, self.config.fl.batch_size, False, 0))
+        if len(out) > 1 and len(out[-1][1]) == 1:
+            (x1, y1), (x2, y2) = out[-2], out[-1]
+            out[-2:] = [(torch.cat([x1, x2]), torch.cat([y1, y2]))]
+        return out
 
     def _on_device(self, split: str, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """This client's split, normalized and moved to the device once (what `batches` would yield)."""
