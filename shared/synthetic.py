@@ -125,9 +125,9 @@ class SyntheticBundle(GeneratedBundle):
 
     def sizes(self, num_clients: int, holdout: float) -> np.ndarray:
         counts = sample_counts(self.settings, self.seed, np.arange(num_clients))
-        held = np.array([holdout_size(int(n), holdout) for n in np.unique(counts)])
-        held_of = held[np.searchsorted(np.unique(counts), counts)]
-        return np.stack([counts - held_of, held_of], axis=1)
+        values, which = np.unique(counts, return_inverse=True)  # at most max_samples distinct counts
+        held = np.array([holdout_size(int(n), holdout) for n in values])[which]
+        return np.stack([counts - held, held], axis=1)
 
 
 @DATASETS.register("synthetic")
