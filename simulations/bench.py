@@ -70,9 +70,8 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
               LineClock(out / rundir.RUN_LOG, ["output directory", "partitions to virtual clients"]) as clock):
             try:
                 metrics = run_fedtiny(config, out)
-            except RunFailed:
-                if not mon.stopped:
-                    raise
+            except RunFailed as exc:  # recorded with its figures: a fleet too large for the machine is a result
+                mon.stopped = mon.stopped or f"failed: {exc}"
         registered = clock.seen.get("partitions to virtual clients")
         began = clock.seen.get("output directory")
         if mon.stopped:
@@ -106,7 +105,7 @@ def scale(args: argparse.Namespace, work: Path) -> dict:
 
 def _stopped_run(n: int, mon: TreeMonitor, registered: float | None, began: float | None, start: float,
                  load_before: tuple[float, ...]) -> dict:
-    """What a run stopped by --limit-mb / --limit-s got to: its memory, and whether the server knew every node."""
+    """What a run that was stopped (--limit-mb / --limit-s) or failed got to: its memory, whether the server knew every node."""
     return {
         "clients": n,
         "stopped": mon.stopped,
