@@ -2,7 +2,7 @@
 
 Run as `python -m simulations.bench NAME [--smoke]`, NAME one of scale, overhead, bytes,
 memory, ray-cluster. Each prints progress to stderr and its figures as one JSON object on
-the last line of stdout. `--smoke` runs a tiny version (digits, a few clients) for CI;
+the last line of stdout. `--smoke` runs a tiny version (a few clients) for CI;
 without it the sizes of the README's Performance table are used (scale: docs/fleet-scale.md).
 Runs happen one after another in this process tree, so ratios compare like with like.
 """
@@ -227,7 +227,7 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
 @benchmark("ray-cluster")
 def ray_cluster(args: argparse.Namespace, work: Path) -> dict:
     """A job on a two-node Ray cluster of this host (head and worker, separate `ray start` processes,
-    one CPU each) via `simulation.ray_address`; Ray's state API says which nodes its virtual clients ran on."""
+    one CPU each) via `simulation.ray_address`; Ray's actor table says which nodes its virtual clients ran on."""
     rounds = 2 if args.smoke else 10
     with local_cluster((1, 1)) as (address, temp, nodes):
         before = probe(address)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    parser.add_argument("--clients", type=int, nargs="*", help="scale only: fleet sizes to run (default 1000 10000)")
+    parser.add_argument("--clients", type=int, nargs="*", help="scale only: fleet sizes to run (default 1000 10000 100000)")
     parser.add_argument("--limit-mb", type=float, default=0, help="scale only: stop a run whose tree's PSS passes this (0: none)")
     parser.add_argument("--limit-s", type=float, default=0, help="scale only: stop a run after this many seconds (0: none)")
     parser.add_argument("--work-dir", type=Path, help="where runs write their outputs (default: a temp dir)")
