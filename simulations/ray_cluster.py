@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,9 @@ def _node_command(index: int, cpus: int, address: str, temp: Path) -> list[str]:
 
 @contextmanager
 def local_cluster(cpus: tuple[int, ...] = (1, 1)) -> Iterator[tuple[str, Path, list[subprocess.Popen]]]:
-    """A head and len(cpus) - 1 worker nodes, node i with cpus[i] CPUs; yields (address, temp dir, node processes)."""
+    """A head and len(cpus) - 1 worker nodes, node i with cpus[i] CPUs; yields (address, temp dir, node processes).
+
+    The temp dir holds every node's session and `ray start` log; it is removed after a clean exit."""
     temp = Path(tempfile.mkdtemp(prefix="ftray", dir="/tmp"))
     address = f"127.0.0.1:{free_port()}"
     procs: list[subprocess.Popen] = []
@@ -69,6 +72,7 @@ def local_cluster(cpus: tuple[int, ...] = (1, 1)) -> Iterator[tuple[str, Path, l
             _wait_for_node(proc, log_path)
         _wait_for_nodes(address, len(cpus))
         yield address, temp, procs
+    shutil.rmtree(temp, ignore_errors=True)  # its logs are kept only when something failed
 
 
 def _wait_for_node(proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
