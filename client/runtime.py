@@ -44,6 +44,7 @@ class ClientRuntime:
         return lambda epoch: batches(self.bundle, d.x_train, d.y_train, bs, True, seed * 1009 + epoch)
 
     def holdout_batches(self) -> list:
+        """The held-out split in order (`shared.batchnorm.recalibrate` counts a last batch of one with the one before)."""
         d = self.data
         if self.device.type != "cpu":
             x, y = self._on_device("holdout", d.x_holdout, d.y_holdout)

@@ -24,6 +24,7 @@ from shared.methods.api import Reply
 log = logging.getLogger("fedtiny")
 MAX_RETRIES = 3
 REGISTRATION_TIMEOUT_S = 600.0
+PROGRESS_EVERY_S = 30.0
 
 
 class NotEnoughReplies(RuntimeError):
@@ -83,9 +84,13 @@ class Fleet:
         leaves that node out, logged).
         """
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
+        next_note = time.monotonic() + PROGRESS_EVERY_S
         while len(nodes := sorted(self.grid.get_node_ids())) < self.num_clients:
             if time.monotonic() > deadline:
                 raise NotEnoughReplies(f"only {len(nodes)} of fl.num_clients={self.num_clients} nodes connected")
+            if time.monotonic() > next_note:  # a large fleet takes minutes to connect: say how far it got
+                log.info("%d of %d nodes connected", len(nodes), self.num_clients)
+                next_note += PROGRESS_EVERY_S
             time.sleep(0.2)
         if self.virtual:
             self.partition_of = {n: i for i, n in enumerate(nodes[: self.num_clients])}

@@ -24,14 +24,14 @@ from omegaconf.errors import OmegaConfBaseException
 from shared.config_checks import resolve, validate
 from shared.config_schema import (
     _CORE, ATTACKS, BUILTIN_METHODS, CONFIG_DIR, DEFAULT_CONFIG, FAIL_MODES, MAX_CPUS, MAX_WIDTH, TRACKING, Config,
-    ConfigError, DatasetConfig, FLConfig, ModelConfig, PruningConfig, SimulationConfig, WarmupConfig, _builtin, _discover,
-    register_method,
+    ConfigError, DatasetConfig, FLConfig, ModelConfig, PruningConfig, SimulationConfig, SyntheticConfig, WarmupConfig, _builtin,
+    _discover, register_method,
 )
 
 __all__ = [
     "ATTACKS", "BUILTIN_METHODS", "CONFIG_DIR", "DEFAULT_CONFIG", "FAIL_MODES", "MAX_CPUS", "MAX_WIDTH", "TRACKING",
     "Config", "ConfigError", "DatasetConfig", "FLConfig", "ModelConfig", "PruningConfig", "SimulationConfig",
-    "WarmupConfig", "from_flat", "from_mapping", "load_config", "register_method", "resolve", "to_flat", "to_yaml",
+    "SyntheticConfig", "WarmupConfig", "from_flat", "from_mapping", "load_config", "register_method", "resolve", "to_flat", "to_yaml",
     "validate",
 ]
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from shared.bounds import check_bounds
 from shared.config_schema import ATTACKS, FAIL_MODES, MAX_CPUS, MAX_WIDTH, METHOD_NAMES, TRACKING, Config, ConfigError
+from shared.partition import min_client_size
 
 
 def _floats(c: Config):
@@ -38,6 +39,11 @@ def validate(c: Config) -> None:
     check(c.dataset.alpha > 0, "dataset.alpha", "must be > 0")
     check(0.0 < c.dataset.holdout < 1.0, "dataset.holdout", "must be in (0, 1)")
     check(0.0 < c.dataset.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
+    c.dataset.synthetic.validate(c, check)
+    if c.dataset.name == "synthetic":
+        need = min_client_size(c.dataset.holdout)
+        check(need <= c.dataset.synthetic.min_samples, "dataset.synthetic.min_samples",
+              f"must be at least {need} (2 to train and 2 held out at dataset.holdout={c.dataset.holdout:g})")
     for key, value in _floats(c):
         check(math.isfinite(value), key, "must be a finite number")
     check(0 < c.model.width <= MAX_WIDTH, "model.width", f"must be in (0, {MAX_WIDTH}] (a multiple of the model's channels)")

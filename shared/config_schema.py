@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,6 +28,36 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SyntheticConfig:
+    """FedProx's Synthetic(alpha, beta) (shared.synthetic), read when dataset.name=synthetic."""
+
+    alpha: float = 1.0  # how much the clients' models differ (std of u_k)
+    beta: float = 1.0  # how much the clients' inputs differ (std of B_k)
+    dimension: int = 60  # features per sample
+    classes: int = 10
+    min_samples: int = 50  # a client's samples: a power law from min_samples, P(n >= m) = (m / min_samples)^-power,
+    max_samples: int = 1000  # truncated at max_samples
+    power: float = 1.5
+    test_clients: int = 100  # held-out clients (a separate seed stream) whose data are the test set
+
+    def validate(self, c: Config, check) -> None:
+        """Its own ranges; `config_checks` adds that min_samples leaves every client enough to train and hold out."""
+        key = "dataset.synthetic."
+        for name in ("alpha", "beta", "power"):
+            check(math.isfinite(getattr(self, name)), key + name, "must be a finite number")
+        check(self.alpha >= 0, key + "alpha", "must be >= 0")
+        check(self.beta >= 0, key + "beta", "must be >= 0")
+        check(self.power > 0, key + "power", "must be > 0")
+        check(1 <= self.dimension <= 4096, key + "dimension", "must be in [1, 4096]")
+        check(2 <= self.classes <= 1000, key + "classes", "must be in [2, 1000]")
+        check(1 <= self.min_samples, key + "min_samples", "must be at least 1")
+        check(self.min_samples <= self.max_samples <= 100_000, key + "max_samples", "must be in [min_samples, 100000]")
+        check(1 <= self.test_clients <= 10_000, key + "test_clients", "must be in [1, 10000]")
+        check(self.test_clients * self.max_samples * self.dimension <= 2**28, key + "test_clients",
+              "x max_samples x dimension must be at most 2^28 (a test set of at most 1 GiB)")
+
+
+@dataclass
 class DatasetConfig:
     name: str = "digits"
     path: str = ""  # empty: the dataset's default location
@@ -34,6 +65,7 @@ class DatasetConfig:
     alpha: float = 0.5  # Dirichlet concentration (label skew)
     holdout: float = 0.2  # fraction of each client's data held out (adaptive BN selection, evaluation)
     test_fraction: float = 0.2  # central test split for datasets without one (digits)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass

@@ -37,27 +37,30 @@ __all__ = [
 
 
 def load_dataset(
-    name: str, path: str = "", seed: int = 0, test_fraction: float = 0.2, trusted: Iterable[str] = ()
+    name: str, path: str = "", seed: int = 0, test_fraction: float = 0.2, trusted: Iterable[str] = (),
+    settings: tuple[tuple[str, object], ...] = (),
 ) -> DataBundle:
     """The dataset `name` (a DATASETS key or `package.module:callable` from a `trusted` package),
-    cached in-process.
+    cached in-process. `settings` are keyword arguments of a built-in loader (synthetic's).
 
     The arrays are read-only because the cached bundle is shared by every caller in the process.
     """
-    return _load_cached(name, path, int(seed), float(test_fraction), tuple(trusted))
+    return _load_cached(name, path, int(seed), float(test_fraction), tuple(trusted), tuple(settings))
 
 
 def load_for(config: Config) -> DataBundle:
     """The dataset of a validated run config (its `dataset` section and seed), cached like `load_dataset`."""
     d = config.dataset
-    return load_dataset(d.name, d.path, config.seed, d.test_fraction, config.trusted)
+    settings = tuple(vars(d.synthetic).items()) if d.name == "synthetic" else ()
+    return load_dataset(d.name, d.path, config.seed, d.test_fraction, config.trusted, settings)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, path: str, seed: int, test_fraction: float, trusted: tuple[str, ...]) -> DataBundle:
+def _load_cached(name: str, path: str, seed: int, test_fraction: float, trusted: tuple[str, ...],
+                 settings: tuple[tuple[str, object], ...]) -> DataBundle:
     loader = DATASETS.get(name, trusted)
     if name in DATASETS:
-        result = loader(path, seed, test_fraction)
+        result = loader(path, seed, test_fraction, **dict(settings))
     else:
         result = call_user(_call_user_loader, f"dataset {name!r}", loader, path=path, seed=seed, test_fraction=test_fraction)
     bundle = _as_bundle(result, name)
@@ -119,3 +122,6 @@ def load_digits(path: str, seed: int, test_fraction: float) -> DataBundle:
     )
     mean, std = channel_stats(x_train)
     return DataBundle(x_train, y_train, x_test, y_test, 10, mean, std)
+
+
+import shared.synthetic  # noqa: E402,F401  registers "synthetic" (FedProx's generated clients)

@@ -1,7 +1,7 @@
 """Models by name, and which of their weights are prunable, in forward order and in blocks.
 
 Every built-in model has batch norm (adaptive BN selection recalibrates it) and accepts any input
-size (adaptive pooling), except `cnn-pool`, which needs at least 8x8. A builder is
+size (adaptive pooling), except `cnn-pool`, which needs at least 8x8, and `mlp`, built for one size. A builder is
 `fn(num_classes, input_shape, width) -> nn.Module`, where
 `width` multiplies the channel counts.
 
@@ -13,6 +13,7 @@ names in forward order, for progressive pruning); without it, blocks are its top
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import torch
@@ -101,6 +102,22 @@ class CNNPool(_FeaturesThenHead):
             nn.MaxPool2d(2),
         )
         self.classifier = _bn_head(c3 * out_h * out_w, hidden, num_classes)
+
+
+class MLP(_FeaturesThenHead):
+    """For vector data such as Synthetic(alpha, beta) (shared.synthetic): the flattened input, then
+    linear-BN-ReLU twice (200 units at width 1) and a linear classifier. FedProx fits multinomial
+    logistic regression to that data (arXiv 1812.06127); the BN layers are what FedTiny's adaptive
+    BN selection recalibrates. 54,000 prunable weights for 60 features and 10 classes.
+    """
+
+    def __init__(self, num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0) -> None:
+        super().__init__()
+        hidden = _ch(200, width)
+        self.features = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(input_shape), hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)
+        )
+        self.classifier = _bn_head(hidden, hidden, num_classes)
 
 
 VGG11_CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
@@ -194,6 +211,11 @@ def cnn(num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0)
 @MODELS.register("cnn-pool")
 def cnn_pool(num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0) -> nn.Module:
     return CNNPool(num_classes, tuple(input_shape), width)
+
+
+@MODELS.register("mlp")
+def mlp(num_classes: int, input_shape: tuple[int, int, int], width: float = 1.0) -> nn.Module:
+    return MLP(num_classes, tuple(input_shape), width)
 
 
 @MODELS.register("vgg11")

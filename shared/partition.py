@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from shared.data import DataBundle
+from shared.bundle import DataBundle
 from shared.registry import Registry
 
 if TYPE_CHECKING:
-    from shared.config import Config
+    from shared.config_schema import Config
 
 MIN_SAMPLES = 2  # partition_owners' default floor: every client gets this many when N >= MIN_SAMPLES * num_clients
 MIN_TRAIN = 2  # train-mode batch norm cannot normalize a batch of one
@@ -145,6 +145,19 @@ class ClientData:
     y_holdout: np.ndarray
 
 
+class GeneratedBundle(DataBundle):
+    """A dataset whose clients' data are generated per client (shared.synthetic) rather than cut
+    from x_train by a partition; `dataset.partition` and `dataset.alpha` do not apply to it."""
+
+    def client(self, client_id: int, holdout: float) -> ClientData:
+        """Client `client_id`'s data and held-out slice."""
+        raise NotImplementedError
+
+    def sizes(self, num_clients: int, holdout: float) -> np.ndarray:
+        """(train, held-out) counts of clients 0..num_clients-1, shape (num_clients, 2), without generating them."""
+        raise NotImplementedError
+
+
 _OWNERS_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _OWNERS_CACHE_SIZE = 4
 
@@ -184,6 +197,8 @@ def client_data(
     """
     if not 0 <= client_id < num_clients:
         raise ValueError(f"client_id {client_id} out of range for {num_clients} clients")
+    if isinstance(bundle, GeneratedBundle):
+        return bundle.client(client_id, holdout)
     owners = cached_owners(bundle.y_train, num_clients, scheme, alpha, seed, min_client_size(holdout))
     holdout_seed = int(np.random.SeedSequence([seed, client_id]).generate_state(1)[0])
     train_idx, holdout_idx = split_holdout(client_indices(owners, client_id), holdout, holdout_seed)
@@ -227,5 +242,7 @@ def partition_sizes(bundle: DataBundle, num_clients: int, scheme: str, alpha: fl
                     seed: int) -> list[tuple[int, int]]:
     """(train, held-out) example counts of every partition as `client_data` cuts them, without cutting:
     what a simulation's server knows each virtual client holds (the bound on the counts it reports)."""
+    if isinstance(bundle, GeneratedBundle):
+        return [(int(t), int(h)) for t, h in bundle.sizes(num_clients, holdout)]
     totals = client_sizes(bundle.y_train, num_clients, scheme, alpha, holdout, seed)
     return [(int(n) - holdout_size(int(n), holdout), holdout_size(int(n), holdout)) for n in totals]

@@ -2,8 +2,8 @@
 
 Run as `python -m simulations.bench NAME [--smoke]`, NAME one of scale, overhead, bytes,
 memory, ray-cluster. Each prints progress to stderr and its figures as one JSON object on
-the last line of stdout. `--smoke` runs a tiny version (digits, a few clients) for CI;
-without it the full sizes of docs/performance.md (Fashion-MNIST).
+the last line of stdout. `--smoke` runs a tiny version (a few clients) for CI;
+without it the full sizes of docs/performance.md (scale: docs/fleet-scale.md).
 Runs happen one after another in this process tree, so ratios compare like with like.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -20,7 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 from shared import rundir
-from simulations.harness import LineClock, bench_config, probe_cluster, ray_head, run_fedtiny, run_plain
+from shared.config import load_config
+from simulations.cli.launch import RunFailed
+from simulations.harness import CONFIGS, LineClock, bench_config, run_fedtiny, run_plain
+from simulations.ray_cluster import left_behind, local_cluster, probe
 from simulations.monitor import TreeMonitor
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, Path], dict]] = {}
@@ -44,41 +48,76 @@ def _median(values: list[float]) -> float:
 
 @benchmark("scale")
 def scale(args: argparse.Namespace, work: Path) -> dict:
-    """FedTiny over a large virtual fleet, a few sampled per round: peak memory of the tree, time per round."""
-    sizes = args.clients or ([50, 200] if args.smoke else [1000, 10000])
+    """FedTiny over a large virtual fleet of FedProx's Synthetic(1, 1) clients (configs/synthetic.yaml,
+    each client generated on demand), a few sampled per round: peak memory of the tree, time until the
+    server knows every node, time per round, and the load average (other work on the machine
+    inflates the seconds, not the memory)."""
+    sizes = args.clients or ([50, 200] if args.smoke else [1000, 10000, 100000])
     per_round = 2 if args.smoke else 10
     runs = []
     for n in sizes:
-        config = bench_config(args.smoke, [
+        config = load_config(CONFIGS / "synthetic.yaml", [
             f"fl.num_clients={n}", f"fl.clients_per_round={per_round}", f"fedtiny.search_clients={per_round}",
             f"fl.rounds={2 if args.smoke else 3}", "simulation.virtual_partitions=true",
-            "dataset.holdout=0.3",  # 6 images a client at 10,000: 2 held out (BN recalibration needs 2), 4 to train
+            # The first round's messages wait while Flower's simulation builds a context for every
+            # virtual node (about 5 ms each on this machine): minutes at 100,000.
+            "fl.round_timeout=3600",
         ])
         out = work / f"scale-{n}"
         note(f"scale: {n} clients, {per_round} per round, {config.fl.rounds} rounds -> {out}")
-        start = time.monotonic()
-        with TreeMonitor(marker=str(out)) as mon, LineClock(out / rundir.RUN_LOG, ["output directory", "partitions to virtual clients"]) as clock:
-            metrics = run_fedtiny(config, out)
-        rounds = [r for r in metrics["rounds"] if r["round"] >= 1]
+        start, load_before = time.monotonic(), os.getloadavg()
+        with (TreeMonitor(str(out), limit_mb=args.limit_mb, limit_s=args.limit_s) as mon,
+              LineClock(out / rundir.RUN_LOG, ["output directory", "partitions to virtual clients"]) as clock):
+            try:
+                metrics = run_fedtiny(config, out)
+            except RunFailed as exc:  # recorded with its figures: a fleet too large for the machine is a result
+                mon.stopped = mon.stopped or f"failed: {exc}"
         registered = clock.seen.get("partitions to virtual clients")
         began = clock.seen.get("output directory")
+        if mon.stopped:
+            runs.append(_stopped_run(n, mon, registered, began, start, load_before))
+            note(f"scale: {runs[-1]}")
+            continue
+        rounds = [r for r in metrics["rounds"] if r["round"] >= 1]
         runs.append({
             "clients": n,
             "peak_rss_mb": round(mon.result.peak_rss_mb, 1),
             "peak_pss_mb": round(mon.result.peak_pss_mb, 1),
             "max_processes": mon.result.max_processes,
+            "pss_at_peak_mb": mon.result.pss_at_peak_mb,  # by kind of process: where the memory is
             "seconds_per_round": round(_median([r["seconds"] for r in rounds]), 3),
             "search_seconds": round(metrics["rounds"][0]["seconds"], 3),
             "register_seconds": round(registered - began, 2) if registered and began else None,
+            "nodes_known_seconds": round(registered - start, 1) if registered else None,  # from launch
             "wall_seconds": round(time.monotonic() - start, 1),
             "accuracy": metrics["summary"]["accuracy"],
+            "federated_accuracy": metrics["summary"].get("federated_accuracy"),
+            "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],  # 1, 5, 15 min: before, after
         })
         note(f"scale: {runs[-1]}")
     result = {"scale": runs}
+    runs = [r for r in runs if "stopped" not in r]
     if len(runs) >= 2:
         result["rss_growth"] = round(runs[-1]["peak_rss_mb"] / runs[0]["peak_rss_mb"], 3)
         result["pss_growth"] = round(runs[-1]["peak_pss_mb"] / runs[0]["peak_pss_mb"], 3)
     return result
+
+
+def _stopped_run(n: int, mon: TreeMonitor, registered: float | None, began: float | None, start: float,
+                 load_before: tuple[float, ...]) -> dict:
+    """What a run that was stopped (--limit-mb / --limit-s) or failed got to: its memory, whether the server knew every node."""
+    return {
+        "clients": n,
+        "stopped": mon.stopped,
+        "peak_rss_mb": round(mon.result.peak_rss_mb, 1),
+        "peak_pss_mb": round(mon.result.peak_pss_mb, 1),
+        "pss_at_peak_mb": mon.result.pss_at_peak_mb,
+        "server_started": began is not None,
+        "register_seconds": round(registered - began, 2) if registered and began else None,
+        "nodes_known_seconds": round(registered - start, 1) if registered else None,
+        "wall_seconds": round(time.monotonic() - start, 1),
+        "load_average": [round(x, 2) for x in (*load_before, *os.getloadavg())],
+    }
 
 
 @benchmark("overhead")
@@ -187,24 +226,29 @@ def memory(args: argparse.Namespace, work: Path) -> dict:
 
 @benchmark("ray-cluster")
 def ray_cluster(args: argparse.Namespace, work: Path) -> dict:
-    """A tiny job joins a running `ray start --head` cluster through `simulation.ray_address`."""
-    with ray_head(num_cpus=2) as (address, _, temp):
-        before = probe_cluster(address)
-        config = bench_config(True, ["fl.rounds=2", f"simulation.ray_address={address}"])
-        note(f"ray-cluster: tiny job on the Ray cluster at {address}")
+    """A job on a two-node Ray cluster of this host (head and worker, separate `ray start` processes,
+    one CPU each) via `simulation.ray_address`; Ray's actor table says which nodes its virtual clients ran on."""
+    rounds = 2 if args.smoke else 10
+    with local_cluster((1, 1)) as (address, temp, nodes):
+        before = probe(address)
+        note(f"ray-cluster: {len(before['nodes'])} nodes at {address}; job of {rounds} rounds")
+        config = bench_config(True, [f"fl.rounds={rounds}", f"simulation.ray_address={address}"])
         metrics = run_fedtiny(config, work / "ray-cluster")
-        after = probe_cluster(address)
-        sessions = sorted(p.name for p in (temp / "session_latest").parent.glob("session_2*"))
+        after = probe(address)
+        pids = [p.pid for p in nodes]
+    used = sorted({a["node_id"] for a in after["actors"]})
     return {
         "address": address,
-        "jobs_before": before["jobs"],
-        "jobs_after": after["jobs"],
-        "cluster_cpus": after["cpus"],
-        "ray_sessions_in_cluster_dir": len(sessions),
+        "nodes": after["nodes"],
+        "client_actors": after["actors"],
+        "ray_nodes_used": len(used),
+        "actors_per_node": {n: sum(a["node_id"] == n for a in after["actors"]) for n in used},
         "jobs_run": after["jobs"] - before["jobs"] - 1,  # the first probe is a job too
-        "ran_on_cluster": after["jobs"] - before["jobs"] - 1 >= 1,
         "accuracy": metrics["summary"]["accuracy"],
         "rounds": len(metrics["rounds"]) - 1,
+        "node_pids": pids,
+        "left_behind": left_behind(str(temp)),
+        "load_average": list(os.getloadavg()),
     }
 
 
@@ -212,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(BENCHMARKS))
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    parser.add_argument("--clients", type=int, nargs="*", help="scale only: fleet sizes to run (default 1000 10000)")
+    parser.add_argument("--clients", type=int, nargs="*", help="scale only: fleet sizes to run (default 1000 10000 100000)")
+    parser.add_argument("--limit-mb", type=float, default=0, help="scale only: stop a run whose tree's PSS passes this (0: none)")
+    parser.add_argument("--limit-s", type=float, default=0, help="scale only: stop a run after this many seconds (0: none)")
     parser.add_argument("--work-dir", type=Path, help="where runs write their outputs (default: a temp dir)")
     parser.add_argument("--config", type=Path, help="bytes only: the job's YAML (default configs/fashion-mnist.yaml)")
     args = parser.parse_args(argv)

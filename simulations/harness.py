@@ -9,11 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from shared import rundir
 from shared.config import Config, load_config, to_yaml
@@ -86,66 +83,3 @@ def run_plain(config: Config, out: Path) -> dict:
     if not result.exists():
         raise RuntimeError(f"the plain Flower run wrote no plain.json; see {out / rundir.RUN_LOG}")
     return json.loads(result.read_text())
-
-
-@contextmanager
-def ray_head(num_cpus: int = 2) -> Iterator[tuple[str, subprocess.Popen, Path]]:
-    """A private `ray start --head --block` (own temp dir and ports), stopped by its process group.
-
-    Never `ray stop`: that kills every Ray process of the user on the machine. The temp dir
-    keeps `ray_current_cluster` out of /tmp/ray, so other runs' `ray.init()` do not join it.
-    """
-    temp = Path(tempfile.mkdtemp(prefix="ftray", dir="/tmp"))
-    port = free_port()
-    cmd = [
-        str(Path(os.sys.executable).parent / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}",
-        "--include-dashboard=false", f"--port={port}", f"--temp-dir={temp}",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}", "--disable-usage-stats",
-    ]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    log = open(temp / "ray_start.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    try:
-        _wait_for_ray(address, proc, temp)
-        yield address, proc, temp
-    finally:
-        stop_group(proc)
-        log.close()
-
-
-def _wait_for_ray(address: str, proc: subprocess.Popen, temp: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with code {proc.returncode}; see {temp / 'ray_start.log'}")
-        if (temp / "ray_start.log").read_text().find("Ray runtime started") >= 0:
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"ray start did not come up within {timeout:.0f}s; see {temp / 'ray_start.log'}")
-
-
-CLUSTER_PROBE = """
-import json, sys, ray
-ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-jobs = ray._private.state.jobs()
-print(json.dumps({"jobs": len(jobs) - 1, "nodes": len(ray.nodes()),
-                  "cpus": ray.cluster_resources().get("CPU", 0)}))
-"""
-
-
-def probe_cluster(address: str) -> dict:
-    """Jobs the cluster has run (this probe's own driver not counted), its nodes and CPUs."""
-    import sys
-
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    out = subprocess.run(
-        [sys.executable, "-c", CLUSTER_PROBE, address], env=env, capture_output=True, text=True, timeout=120
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"probing the Ray cluster at {address} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -15,7 +15,6 @@ KEYS = {
     "scale": {"scale"},
     "overhead": {"ratio", "fedavg_round_s", "fedtiny_round_s"},
     "memory": {"memory"},
-    "ray-cluster": {"address", "jobs_before", "jobs_after", "ran_on_cluster"},
 }
 EXTRA = {"scale": ["--clients", "20"]}
 
@@ -32,6 +31,18 @@ def run_bench(name: str, tmp_path: Path) -> dict:
 def test_smoke_prints_figures_as_last_json_line(name: str, tmp_path: Path) -> None:
     result = run_bench(name, tmp_path)
     assert result["benchmark"] == name and KEYS[name] <= set(result)
+
+
+@pytest.mark.integration
+def test_ray_cluster_smoke_runs_clients_on_both_nodes_and_leaves_nothing(tmp_path: Path) -> None:
+    result = run_bench("ray-cluster", tmp_path)
+    assert len(result["nodes"]) == 2 and sorted(l for n in result["nodes"] for l in n["labels"]) == [
+        "fedtiny_node_0", "fedtiny_node_1"]
+    assert result["ray_nodes_used"] == 2  # one CPU per node: the two client actors cannot share a node
+    assert {a["node_id"] for a in result["client_actors"]} <= {n["node_id"] for n in result["nodes"]}
+    assert result["left_behind"] == [] and result["rounds"] == 2 and 0 <= result["accuracy"] <= 1
+    for pid in result["node_pids"]:  # every `ray start` process is gone
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
 
 @pytest.mark.integration

@@ -110,6 +110,21 @@ def test_bn_recalibration_and_candidate_evaluation(setup):
     assert len(sums) == 2 and all(s > 0 for s in sums)
 
 
+def test_a_last_held_out_batch_of_one_still_counts_in_the_bn_statistics(tmp_path):
+    from server.replies import check_bn
+    from shared.batchnorm import bn_stats_layout
+
+    config = tiny_config(tmp_path)
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    node, (_, held) = next((n, s) for n, s in ctx.fleet.examples_of.items() if s[1] >= 3)
+    config = tiny_config(tmp_path, f"fl.batch_size={held - 1}")  # held-out batches of held - 1, then 1
+    ctx = run_context(config, FakeGrid(config), tmp_path)
+    model = ctx.new_model()
+    reply = _send(ctx, node, p.BN, RecordDict({p.PAYLOAD: candidate_payload(model.state_dict(), [compute_masks(model, 0.1)])}))
+    assert reply.num_examples == held
+    assert check_bn(reply, 1, bn_stats_layout(model))[1] is None
+
+
 def test_candidate_evaluation_without_cached_candidates_is_an_error(setup):
     ctx, _, _ = setup
     node = next(iter(ctx.fleet.partition_of))

@@ -16,6 +16,8 @@ import torch
 
 from shared import dataset_files
 from shared.data import DATASETS, DataBundle, batches, load_dataset, read_idx, to_tensor
+from shared.config import SyntheticConfig
+from shared.synthetic import TEST_STREAM, sample_counts
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -54,6 +56,9 @@ DATASET_CASES = {
     "digits": (lambda tmp: "", 1437, 360, (1, 8, 8)),
     "fashion-mnist": (lambda tmp: str(fake_fashion_mnist(tmp / "fmnist")), 6, 4, (1, 28, 28)),
     "cifar10": (lambda tmp: str(fake_cifar10(tmp / "cifar")), 15, 3, (3, 32, 32)),
+    # generated: the first 100 fleet clients (train) and the 100 held-out clients (test), 60 features
+    "synthetic": (lambda tmp: "", int(sample_counts(SyntheticConfig(), 0, np.arange(100)).sum()),
+                  int(sample_counts(SyntheticConfig(), 0, np.arange(100), TEST_STREAM).sum()), (1, 1, 60)),
 }
 
 

@@ -45,7 +45,8 @@ def test_prunable_parameters_are_all_conv_and_linear_weights_input_to_output(nam
     names = prunable_names(model)
     params = dict(model.named_parameters())
     assert set(names) == conv_linear_weights(model) and len(names) == len(set(names))
-    assert params[names[0]].shape[1] == 3  # the first layer reads the input channels
+    reads = 3 * 32 * 32 if name == "mlp" else 3  # the first layer reads the input channels (the MLP: every value)
+    assert params[names[0]].shape[1] == reads
     assert params[names[-1]].shape[0] == 10  # the last layer writes the classes
 
 
@@ -203,7 +204,7 @@ def test_custom_model_that_returns_no_module_is_a_value_error(tmp_path: Path, mo
 
 
 def test_unknown_model_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="cnn, cnn-pool, resnet18, vgg11"):
+    with pytest.raises(ValueError, match="cnn, cnn-pool, mlp, resnet18, vgg11"):
         build_model("alexnet", 10, (3, 32, 32))
 
 

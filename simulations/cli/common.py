@@ -36,10 +36,12 @@ def preflight(config: Config) -> None:
     at once with one line (ConfigError, exit code 2)."""
     from shared.data import load_for
     from shared.models import model_for
+    from shared.partition import GeneratedBundle
 
     check_output_dir(config)
     bundle = load_for(config)
-    check_partition(config, bundle.y_train)
+    if not isinstance(bundle, GeneratedBundle):  # generated clients hold dataset.synthetic.min_samples or more
+        check_partition(config, bundle.y_train)
     check_dense_budget(config, model_for(config, bundle))
 
 

@@ -6,7 +6,11 @@ included). A kill -9 runs no `finally`, so every launched tree also gets a watch
 start time, so a pid the system reused is never touched, and a stale run's SuperLink is stopped
 only when its pid file names exactly that process (`stop_stale`).
 
-    python -m simulations.cli.processes PARENT_PID PARENT_START TARGET_PID TARGET_START   (the watchdog)
+    python -P simulations/cli/processes.py PARENT_PID PARENT_START TARGET_PID TARGET_START   (the watchdog)
+
+The watchdog runs this file as a script, not as `-m simulations.cli.processes`: the package's
+`__init__` imports the whole command line (torch, scipy), about 380 MB of RSS per watchdog, where
+this file needs only psutil (about 15 MB).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 def guard(proc: subprocess.Popen) -> subprocess.Popen:
     """Start a watchdog that stops `proc`'s tree if this process dies first (kill -9 included)."""
-    cmd = [sys.executable, "-m", "simulations.cli.processes", *map(str, identity(os.getpid())), *map(str, identity(proc.pid))]
+    cmd = [sys.executable, "-P", __file__, *map(str, identity(os.getpid())), *map(str, identity(proc.pid))]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
