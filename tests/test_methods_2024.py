@@ -151,6 +151,18 @@ def test_fedrts_posterior_survives_a_checkpoint_exactly(tmp_path):
         other.load_state_dict({**state, "posterior": base64.b64encode(bad).decode()})
 
 
+@pytest.mark.parametrize("value", [0.0, 0.5, float("nan"), float("inf")])
+def test_fedrts_refuses_a_checkpoint_posterior_no_run_can_reach(tmp_path, value):
+    """alpha and beta start at 1 and only grow by finite steps: anything else is a corrupt file, refused
+    at load rather than failing (or sampling NaN) at the next adjustment."""
+    config = tiny_config(tmp_path, "method=fedrts")
+    method = METHODS.get("fedrts")(run_context(config, FakeGrid(config), tmp_path))
+    method.beta[method.names[0]].view(-1)[3] = value
+    state = json.loads(json.dumps(method.state_dict()))
+    with pytest.raises(ValueError, match="posterior"):
+        METHODS.get("fedrts")(method.ctx).load_state_dict(state)
+
+
 def test_fedrts_refuses_indices_at_active_positions_or_beyond_k():
     gm = GlobalModel({"w": torch.zeros(8)}, {"w": torch.tensor([True, False] * 4)})
 
