@@ -13,7 +13,9 @@ read as in BASELINES-2024.md section 3). Here:
   is the reading closest to its idea, "regularise the parameters that will be pruned towards 0".
   The reference penalises the smallest entries among ALL positions (so almost only already-pruned
   zeros: a no-op), with an unsquared norm and an unused coefficient, at a fraction 2.5x the prune
-  count, also after T_end; none of that is copied, nor its learning-rate rule (a clamp to `max_lr`);
+  count, also after T_end; none of that is copied, nor its learning-rate rule (a clamp to `max_lr`).
+  The default weight 0.01 is that unused coefficient's; with the squared norm it hardly changes
+  which weights the next adjustment prunes (1.0 clearly does), so choose it on held-out data;
 - every `fedmef.interval` rounds up to T_end = `fedmef.end_fraction` x rounds (round t with
   t % interval == 0), the clients also send the top-k_l gradients (summed over their last local
   epoch) of every sparse layer's pruned positions as (index, value) pairs, k_l = ceil(alpha_t x
@@ -58,10 +60,7 @@ class FedMefSettings:
     interval: int = 10  # dT: rounds between adjustments
     end_fraction: float = 0.6  # T_end = end_fraction x rounds (the reference's 300 of 500)
     alpha: float = 0.2  # initial prune/grow fraction, cosine-decayed
-    # lambda of BaE's squared-L2 penalty (0: off). 0.01 is the reference's lambda_l2 default, which its loss
-    # never uses (its coefficient is 1, on an unsquared norm); at 0.01 the squared penalty hardly changes
-    # which weights the next adjustment prunes, at 1.0 it clearly does: choose it on held-out data.
-    bae_weight: float = 0.01
+    bae_weight: float = 0.01  # lambda of BaE's squared-L2 penalty (0: off); the reference's lambda_l2 default
     sap: bool = False  # scaled activation pruning of the weight-gradient inputs
     sap_gamma: float = 0.5  # SAP's pruned fraction of each layer's input
 
