@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +77,28 @@ def test_sparsyfed_clients_upload_their_own_masks_at_the_target_count(tmp_path):
         assert all(torch.all(r.decoded[n][~masks[n]] == 0) for n in masks)
 
 
+@pytest.mark.parametrize("beta", [1.0, 1.25, 2.0])
+def test_sparsyfed_server_averages_the_trained_parameter_v_not_w(tmp_path, beta):
+    """The reference's clients train and send v (the model's parameter), so FedAvg averages v:
+    w = sign(mean v)|mean v|^beta, with v = sign(w)|w|^(1/beta) of each client's weights."""
+    config = tiny_config(tmp_path, "method=sparsyfed", f"sparsyfed.beta={beta}", "fl.aggregator=mean")
+    method = METHODS.get("sparsyfed")(run_context(config, FakeGrid(config), tmp_path))
+    name, bias = method.names[-1], method.names[-1].replace("weight", "bias")
+    state = {n: v.clone() for n, v in method.prepare(method.ctx).state.items()}
+    first = {**state, name: state[name].clone()}
+    second = {**state, name: state[name].clone()}
+    first[name].view(-1)[:2] = torch.tensor([0.36, -0.04])
+    second[name].view(-1)[:2] = torch.tensor([0.0, -0.01])
+    ctx = SimpleNamespace(config=config, weights=lambda replies: [1.0, 3.0])
+    out = method.aggregate(ctx, GlobalModel(state), [Reply(1, None, 0, first), Reply(2, None, 0, second)])
+    v = lambda w: math.copysign(abs(w) ** (1 / beta), w)
+    expected = [math.copysign(abs(m) ** beta, m) for m in (0.25 * v(0.36), 0.25 * v(-0.04) + 0.75 * v(-0.01))]
+    assert out[name].view(-1)[:2].tolist() == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(out[name].view(-1)[2:], state[name].view(-1)[2:], rtol=1e-5, atol=1e-7)
+    if bias in state:  # not a reparameterised weight: plain average
+        assert torch.allclose(out[bias], state[bias])
+
+
 def test_sparsyfed_refuses_masks_that_keep_more_than_the_target():
     names, dense = ["a", "b"], ["a"]
     good = {"a": torch.ones(2, dtype=torch.bool), "b": torch.tensor([True, False, False, False])}
@@ -125,6 +149,18 @@ def test_fedrts_posterior_survives_a_checkpoint_exactly(tmp_path):
     bad = codec.encode({f"alpha:{name}": torch.ones(3)})
     with pytest.raises(ValueError):
         other.load_state_dict({**state, "posterior": base64.b64encode(bad).decode()})
+
+
+@pytest.mark.parametrize("value", [0.0, 0.5, float("nan"), float("inf")])
+def test_fedrts_refuses_a_checkpoint_posterior_no_run_can_reach(tmp_path, value):
+    """alpha and beta start at 1 and only grow by finite steps: anything else is a corrupt file, refused
+    at load rather than failing (or sampling NaN) at the next adjustment."""
+    config = tiny_config(tmp_path, "method=fedrts")
+    method = METHODS.get("fedrts")(run_context(config, FakeGrid(config), tmp_path))
+    method.beta[method.names[0]].view(-1)[3] = value
+    state = json.loads(json.dumps(method.state_dict()))
+    with pytest.raises(ValueError, match="posterior"):
+        METHODS.get("fedrts")(method.ctx).load_state_dict(state)
 
 
 def test_fedrts_refuses_indices_at_active_positions_or_beyond_k():

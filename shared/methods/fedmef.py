@@ -13,7 +13,9 @@ read as in BASELINES-2024.md section 3). Here:
   is the reading closest to its idea, "regularise the parameters that will be pruned towards 0".
   The reference penalises the smallest entries among ALL positions (so almost only already-pruned
   zeros: a no-op), with an unsquared norm and an unused coefficient, at a fraction 2.5x the prune
-  count, also after T_end; none of that is copied, nor its learning-rate rule (a clamp to `max_lr`);
+  count, also after T_end; none of that is copied, nor its learning-rate rule (a clamp to `max_lr`).
+  The default weight 0.01 is that unused coefficient's; with the squared norm it hardly changes
+  which weights the next adjustment prunes (1.0 clearly does), so choose it on held-out data;
 - every `fedmef.interval` rounds up to T_end = `fedmef.end_fraction` x rounds (round t with
   t % interval == 0), the clients also send the top-k_l gradients (summed over their last local
   epoch) of every sparse layer's pruned positions as (index, value) pairs, k_l = ceil(alpha_t x

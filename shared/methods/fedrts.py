@@ -146,6 +146,8 @@ class FedRTS(Method):
         tensors, _ = codec.decode(base64.b64decode(state["posterior"], validate=True), expected=layout)
         if set(tensors) != set(layout):
             raise ValueError("the checkpoint's FedRTS posterior does not cover this model's prunable layers")
+        if not all(bool(torch.isfinite(v).all() and (v >= 1.0).all()) for v in tensors.values()):
+            raise ValueError("the checkpoint's FedRTS posterior holds values below 1 or not finite (both start at 1 and only grow)")
         self.alpha = {n: tensors[f"alpha:{n}"] for n in self.names}
         self.beta = {n: tensors[f"beta:{n}"] for n in self.names}
 

@@ -14,9 +14,12 @@ BASELINES-2024.md section 2). The global model starts dense. Each round every cl
   (`pruning.keep_first_dense` keeps the first layer whole, counted in the density) and uploads the
   kept values on its own mask, sent as packed bits or delta-coded indices: never a dense array
   (the reference sends dense arrays).
-The server averages the clients' zero-filled models at every position, as FedAvg does in the
-reference, with the run's `fl.aggregator` (with the default trimmed mean, a weight that fewer clients
-keep than are trimmed at each end counts as 0, where the reference's mean shrinks it), and then prunes that aggregate to exactly `pruning.density` by
+The server averages the clients' zero-filled models at every position with the run's
+`fl.aggregator`, as FedAvg does in the reference; the reparameterised weights are averaged as the
+parameter the clients train, v = sign(w)|w|^(1/beta), as the reference's FedAvg averages its
+parameters (a weight half the clients keep shrinks by 2^beta, not 2). With the default trimmed
+mean, a weight that fewer clients keep than are trimmed at each end counts as 0, where the
+reference's mean shrinks it. The server then prunes that aggregate to exactly `pruning.density` by
 global magnitude (`aggregate_density` in the summary records the aggregate's density first). The
 reference does not prune on the server: there the union of the clients' supports is the global
 support, whose density exceeds the target and then only falls; here the global model is at the
@@ -43,7 +46,7 @@ from shared.methods.registry import register
 from shared.pruning import apply_masks, masks_from_scores
 from shared.pruning.allocation import budget
 from shared.sparse_training.activations import prune_activations
-from shared.sparse_training.powerprop import powerpropagate
+from shared.sparse_training.powerprop import PowerProp, powerpropagate
 from shared.training import TrainResult
 
 Tensors = dict[str, torch.Tensor]
@@ -62,6 +65,18 @@ class SparsyFedSettings:
 def global_magnitude_masks(weights: Tensors, density: float, dense: list[str]) -> Tensors:
     """Masks keeping round(density x total) weights: the `dense` layers whole, the rest by one |w| threshold."""
     return masks_from_scores({n: w.detach().abs() for n, w in weights.items()}, density, "global", keep_dense=dense)
+
+
+def to_parameter(state: Tensors, names: list[str], beta: float) -> Tensors:
+    """`state` with the named weights as Powerpropagation's v = sign(w)|w|^(1/beta), in float64."""
+    power = PowerProp(beta)
+    return {**state, **{n: power.right_inverse(state[n].double()) for n in names}}
+
+
+def to_weights(state: Tensors, names: list[str], beta: float, dtypes: dict[str, torch.dtype]) -> Tensors:
+    """Inverse of `to_parameter`: the named v back to w = sign(v)|v|^beta in their `dtypes`."""
+    power = PowerProp(beta)
+    return {**state, **{n: power(state[n].double()).to(dtypes[n]) for n in names}}
 
 
 def layer_keep(weights: Tensors) -> dict[str, float]:
@@ -124,10 +139,14 @@ class SparsyFed(Method):
 
     def aggregate(self, ctx: MethodContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
         """Every position averaged over all clients, zeros included (FedAvg of the zero-filled models):
-        a weight a client regrew (beta = 1) counts even where the global mask had pruned it."""
+        a weight a client regrew (beta = 1) counts even where the global mask had pruned it. The
+        reparameterised weights are averaged as v = sign(w)|w|^(1/beta), the parameter the clients
+        train and the reference's FedAvg averages, then mapped back to w."""
         f = ctx.config.fl
-        return combine([r.decoded for r in replies], ctx.weights(replies), None, f.aggregator, f.trim_fraction,
-                       ctx.config.trusted)
+        beta = self.settings.beta if ctx.config.pruning.density < 1.0 else 1.0
+        states = [to_parameter(r.decoded, self.names, beta) for r in replies]
+        out = combine(states, ctx.weights(replies), None, f.aggregator, f.trim_fraction, ctx.config.trusted)
+        return to_weights(out, self.names, beta, {n: replies[0].decoded[n].dtype for n in self.names})
 
     def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         """Prune the aggregate to exactly the target density by global magnitude."""
