@@ -18,7 +18,8 @@ BUILTIN_METHODS = "shared.methods"  # importing this package registers the built
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
 MAX_WIDTH = 16.0  # model.width: 16x the channels is already ~256x the weights
 MAX_CPUS = 4096  # simulation.num_cpus: logical CPUs Ray may schedule on (spare actors for stragglers included)
-ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search")  # client.attacks
+ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search",
+           "flip", "flip-clip", "flip-reject")  # client.attacks
 TRACKING = ("tensorboard", "none")  # tracking: TensorBoard event files in the run's directory, or none
 
 
@@ -73,7 +74,7 @@ class FLConfig:
     # sample-weighted) | mean (FedAvg) | median (coordinate-wise).
     clip_multiple: float = 10.0
     reject_multiple: float = 100.0  # an update farther than this multiple of the round's median distance is rejected
-    max_weight_share: float = 0.0
+    max_weight_share: float = 0.25
     aggregator: str = "trimmed-mean"
     trim_fraction: float = 0.1  # trimmed-mean: the fraction of clients left out at each end per coordinate (at least 1)
 

@@ -101,27 +101,9 @@ def topk_pruned(grad: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return index, flat[index].clone()
 
 
-# A median bounds one client only where the others are a majority: robust clipping starts at three
-# clients; with fewer, the plain (sample-weighted) values are used.
+# A median bounds one client only where the others are a majority: robust clipping and trimming
+# start at three clients (`shared.aggregate`); with fewer, the plain (sample-weighted) values are used.
 MIN_CLIENTS_TO_CLIP = 3
-
-
-def median_peak(values: Sequence[Tensor]) -> float:
-    """The (lower) median over clients of each client's largest |value| (0 for an empty one)."""
-    peaks = sorted(float(v.abs().max()) if v.numel() else 0.0 for v in values)
-    return peaks[(len(peaks) - 1) // 2]
-
-
-def clip_to_median_peak(parts: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """Clients' (index, value) parts with every |value| clipped to `median_peak` of the values: one
-    client's magnitude then counts at most as much as a typical client's strongest gradient, so
-    growth follows positions that several clients rank high rather than one client's scale (a
-    client sending 3e38 at chosen positions no longer decides them). Unchanged below
-    `MIN_CLIENTS_TO_CLIP` clients."""
-    if len(parts) < MIN_CLIENTS_TO_CLIP:
-        return list(parts)
-    bound = median_peak([v for _, v in parts])
-    return [(i, v.clamp(-bound, bound)) for i, v in parts]
 
 
 def merge_sparse(parts: Sequence[tuple[Tensor, Tensor]], shape: Sequence[int] | torch.Size, num_clients: int) -> Tensor:
