@@ -80,13 +80,18 @@ def record_round(
 
 
 def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
-    """Evaluate the final model on sampled clients' held-out splits, weighted by their bounded counts
-    (`Reply.weight`: a node claiming 10^9 examples weighs no more than the fleet allows)."""
+    """Evaluate the final model on sampled clients' held-out splits (`federated_metrics`)."""
     build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731
     sampled, got = ctx.fleet.round(
         ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.draws(Draw.EVALUATE, ctx.config.fl.rounds), check_evaluate
     )
     ctx.dense_traffic(len(sampled), 0, gm.dense_bytes())
+    return federated_metrics(got)
+
+
+def federated_metrics(got: list[Reply]) -> dict[str, float]:
+    """Accepted evaluation replies' (loss, accuracy), weighted by their bounded counts (`Reply.weight`:
+    a node claiming 10^9 examples weighs no more than the fleet allows it)."""
     w = normalised([r.weight for r in got])
     return {
         "federated_accuracy": sum(r.decoded[1] * x for r, x in zip(got, w)),

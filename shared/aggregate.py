@@ -11,6 +11,7 @@ besides FedAvg.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, Sequence
 
@@ -172,12 +173,11 @@ def cap_weights(weights: Sequence[float], share: float) -> list[float]:
         return w
     share = max(share, 1.0 / len(w))
     ordered = sorted(w, reverse=True)
-    rest, cap = 1.0, ordered[0]
-    for m, largest in enumerate(ordered):
+    rests = list(itertools.accumulate(reversed(ordered)))[::-1]  # sums of the smallest ones: no cancellation
+    for m, (largest, rest) in enumerate(zip(ordered, rests)):
         cap = share * rest / (1 - m * share)
         if largest <= cap:
             break
-        rest -= largest
     capped = [min(x, cap) for x in w]
     total = sum(capped)
     return [x / total for x in capped]

@@ -138,21 +138,21 @@ def local_masks(global_masks: Tensors, state: Tensors, changes: dict, limits: di
 
 
 def selection_scores(states: list[Tensors], client_masks: list[Tensors], weights: list[float]) -> Tensors:
-    """Per masked layer and position, |the sample-weighted trimmed mean over clients| of the client's
+    """Per masked layer and position, the sample-weighted trimmed mean over clients of the client's
     weight there, 0 where its mask drops it (`shared.aggregate.trimmed_mean`): the magnitude the new
     global mask ranks by. From 3 clients on a position's highest and lowest value are left out, so a
     position that only one client grows scores 0 and one client in ten cannot choose which grow,
     where the paper's average over the clients that keep a position would give its value whole."""
-    return {n: trimmed_mean([s[n].double() * m[n] for s, m in zip(states, client_masks)], weights, 0.1).abs()
+    return {n: trimmed_mean([s[n].double() * m[n] for s, m in zip(states, client_masks)], weights, 0.1)
             for n in client_masks[0]}
 
 
 def global_masks_from(scores: Tensors, client_masks: list[Tensors], counts: dict[str, int]) -> Tensors:
-    """Per layer, the `counts[n]` highest `scores` (`selection_scores`) among positions some client keeps."""
+    """Per layer, the `counts[n]` largest |`scores`| (`selection_scores`) among positions some client keeps."""
     out = {}
     for n, k in counts.items():
         union = torch.stack([m[n] for m in client_masks]).any(0)
-        out[n] = keep_top(torch.where(union, scores[n].double(), torch.tensor(-torch.inf, dtype=torch.float64)), k)
+        out[n] = keep_top(torch.where(union, scores[n].abs().double(), torch.tensor(-torch.inf, dtype=torch.float64)), k)
     return out
 
 
