@@ -110,11 +110,13 @@ def train(rt: ClientRuntime, content: RecordDict, state: RecordDict) -> RecordDi
         model, job.local_masks or None, job.batches, int(cfg[p.EPOCHS]), float(cfg[p.LR]),
         f.momentum, f.weight_decay, half.grad_layers(job),
     )
+    extra = half.after_training(job, result)  # may prune the model and set the masks it travels on
     # Delta-coded against the download, which the server still holds: unchanged values cost nothing.
     # Decoded again here rather than kept through training, which would hold a dense model copy.
     sent, _ = codec.decode(content[p.PAYLOAD][p.MODEL], masks=to_cpu(masks))
     update = to_cpu(running_stats_for_upload(model.state_dict()))
-    payload = {p.UPDATE: codec.encode(update, to_cpu(masks), send_masks=False, base=sent), **half.after_training(job, result)}
+    own = job.upload_masks is not None
+    payload = {p.UPDATE: codec.encode(update, to_cpu(job.upload_masks if own else masks), send_masks=own, base=sent), **extra}
     return _reply(payload=payload, metrics={p.NUM_EXAMPLES: result.num_examples, p.LOSS: result.loss})
 
 

@@ -8,6 +8,8 @@ is used nowhere, as if its client had not replied. Only then does the method agg
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
@@ -19,7 +21,7 @@ from shared.aggregate import clip_update, non_finite, screen_updates
 from shared.batchnorm import RUNNING_VAR
 from shared.draws import Draw
 from shared.global_model import GlobalModel
-from shared.methods.api import Method, Reply
+from shared.methods.api import Method, Reply, same_masks
 from shared.training import LR_SCHEDULES
 
 
@@ -33,14 +35,17 @@ def train_message(ctx: RunState, gm: GlobalModel, node: int, t: int, extra: dict
     return RecordDict({p.CONFIG: cfg, p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node, running_stats=False)})})
 
 
-def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[dict | None, str | None]:
+def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0,
+                 masks_rule: Callable[[GlobalModel, dict], str | None] = same_masks) -> tuple[dict | None, str | None]:
     """A client's update decoded against the global masks and the weights it was delta-coded
     against (the round's download), or the reason to reject it: (update, None) or (None, reason).
 
     Rejected: undecodable or oversized payloads, other layer names or shapes, NaN/Inf, negative
-    BN running variances, a mask other than the global one (values at pruned positions, wrong density);
-    the example count is checked before, in `Fleet.accepted`. With `max_norm` > 0 the update's distance
-    from the global model is clipped to that norm (bounding the influence of outliers). Pure: nothing is written.
+    BN running variances, masks that break `masks_rule` (by default a mask other than the global one:
+    values at pruned positions, wrong density; a method whose clients prune on their own gives its rule,
+    `Method.check_update_masks`); the example count is checked before, in `Fleet.accepted`. With
+    `max_norm` > 0 the update's distance from the global model is clipped to that norm (bounding the
+    influence of outliers). Pure: nothing is written.
     """
     try:
         blob = reply.content[p.PAYLOAD][p.UPDATE]
@@ -58,11 +63,9 @@ def check_update(gm: GlobalModel, reply: Reply, max_norm: float = 0.0) -> tuple[
         if name.endswith(RUNNING_VAR) and bool((value < 0).any()):
             return None, f"negative BN variance in {name}"
     tensors = {n: v.to(gm.state[n].dtype) for n, v in tensors.items()}
-    for name, mask in gm.masks.items():
-        if name not in masks:
-            return None, f"{name} arrived dense, without the global mask (density {mask.float().mean():.4f})"
-        if not torch.equal(masks[name], mask):
-            return None, f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
+    reason = masks_rule(gm, masks)
+    if reason:
+        return None, reason
     return (clip_update(gm.state, tensors, max_norm) if max_norm > 0 else tensors), None
 
 
@@ -70,7 +73,7 @@ def check_training_reply(ctx: RunState, method: Method, gm: GlobalModel, reply: 
     """The update (`check_update`), then the method's payload (`check_reply`, which sees the update as
     `reply.decoded`): (update, None), or (None, the first reason to reject the reply). A check that
     raises on a payload it did not foresee rejects the reply rather than stopping the server."""
-    update, reason = check_update(gm, reply, ctx.config.fl.max_update_norm)
+    update, reason = check_update(gm, reply, ctx.config.fl.max_update_norm, method.check_update_masks)
     if reason is not None:
         return None, reason
     reply.decoded = update

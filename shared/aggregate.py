@@ -17,10 +17,12 @@ from typing import Iterable, Sequence
 
 import torch
 
-from shared.pruning.prune_grow import MIN_CLIENTS_TO_CLIP
 from shared.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
+# A median bounds one client only where the others are a majority: robust clipping and trimming
+# start at three clients; with fewer, the plain (sample-weighted) values are used.
+MIN_CLIENTS_TO_CLIP = 3
 
 
 def weighted_average(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors | None = None) -> Tensors:

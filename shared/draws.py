@@ -25,6 +25,7 @@ class Draw(IntEnum):
     SEARCH_PANEL = 17  # the held-out panel that scores every successive-halving stage
     HALVING = 29  # successive halving's training rounds, the same for every candidate
     CLIENT_SEEDS = 37  # each client's seed for its local work in a round (the server's `client_seed`)
+    THOMPSON = 41  # FedRTS's Thompson sampling of the new masks in an adjustment round
 
 
 def seed_sequence(seed: int, stream: Draw, *key: int) -> np.random.SeedSequence:

@@ -20,7 +20,7 @@ from shared.batchnorm import pool_stats
 from shared.global_model import GlobalModel
 from shared.methods import Method, Reply
 from shared.methods.feddst import check_mask_changes, global_masks_from, selection_scores
-from shared.methods.fedtiny import merge_topk
+from shared.pruning.prune_grow import merge_topk
 from shared.pruning.topk import top_indices
 
 COUNT = 1.7976931348623157e308  # the largest finite float: finite and integral

@@ -1,6 +1,7 @@
 """One acceptance point: a training reply whose update is valid but whose method payload is not
-(FedTiny's top-k gradients, FedDST's mask changes, PruneFL's squared gradients) is rejected once,
-before aggregation, and leaves the global model exactly as if its client had not replied."""
+(FedTiny's and FedMef's top-k gradients, FedRTS's top-k indices, FedDST's mask changes, PruneFL's
+squared gradients) is rejected once, before aggregation, and leaves the global model exactly as if
+its client had not replied."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ CASES = {
     "fedtiny": (["fedtiny.scores=[magnitude]"], p.TOPK, lambda blob: b"FTS\x01garbage", "undecodable top-k"),
     "feddst": ([], p.MASK_CHANGES, lambda blob: b"FTS\x01garbage", "feddst mask changes: undecodable"),
     "prunefl": (["prunefl.interval=1"], p.SQ_GRADS, negated, "must be finite, >= 0"),
+    "fedmef": (["fedmef.interval=1", "fedmef.end_fraction=1.0"], p.TOPK, lambda blob: b"FTS\x01garbage", "undecodable top-k"),
+    "fedrts": (["fedrts.interval=1", "fedrts.end_fraction=1.0"], p.TOPK_INDEX, lambda blob: b"FTC\x01garbage",
+               "undecodable top-k gradient indices"),
 }
 
 

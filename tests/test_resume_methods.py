@@ -20,7 +20,9 @@ from shared.methods import METHODS
 EXAMPLE = "example_method:RandomRegrowth"
 # Settings under which each method's own state changes within 4 rounds (re-maskings, readjustments).
 EXERCISE = {"prunefl": ["prunefl.interval=1"], "feddst": ["feddst.interval=2", "feddst.alpha=0.2"],
-            "fedtiny": ["fedtiny.scores=[magnitude]", "fedtiny.end_fraction=1.0"], EXAMPLE: ["trusted=[example_method]"]}
+            "fedtiny": ["fedtiny.scores=[magnitude]", "fedtiny.end_fraction=1.0"], EXAMPLE: ["trusted=[example_method]"],
+            "fedmef": ["fedmef.interval=1", "fedmef.end_fraction=1.0"],  # round 3 extrudes and adjusts after the resume
+            "fedrts": ["fedrts.interval=1", "fedrts.end_fraction=1.0"]}  # round 3 samples from the resumed posterior
 TIMING = ("seconds", "wall_seconds")  # wall-clock
 RESENT = ("bytes_down", "bytes_ratio")  # the masks sent again to the resumed run's fresh clients
 

@@ -16,8 +16,7 @@ from shared.aggregate import (
 from server.fleet import Fleet, Reply
 from shared import codec, protocol as p
 from shared.batchnorm import bn_stats_to_tensors, pool_stats
-from shared.methods.fedtiny import merge_topk
-from shared.pruning.prune_grow import merge_sparse
+from shared.pruning.prune_grow import merge_sparse, merge_topk
 from shared.pruning.topk import top_indices
 from simulations.inprocess import run_in_process
 

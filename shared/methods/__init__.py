@@ -5,6 +5,7 @@ A method module (see `fedtiny.py`, or docs/own-method.md) defines:
 - a `Method` subclass registered with `@register("name")`, overriding only the hooks that define it:
   `prepare` (starting model and masks), `round_config` (extra keys for the round's clients),
   `check_reply` (its payload in a client's reply: accepted or rejected before anything uses it),
+  `check_update_masks` (only when its clients upload on masks of their own, as SparsyFed's),
   `aggregate` (the round's new global state), `after_round` (e.g. prune/grow), `state_dict`;
 - optionally a `ClientHalf` subclass (the method's `client` attribute): what a client computes
   beyond masked training.

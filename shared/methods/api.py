@@ -140,6 +140,9 @@ class TrainJob:
     batches: Callable[[int], Iterable]  # epoch -> the shuffled local batches of that epoch
     seed: int
     scratch: dict = field(default_factory=dict)  # the client half's own notes between its calls
+    # The masks the update travels on, sent with it (None: the global masks, which the server holds).
+    # Set by a client half whose clients prune their own model (SparsyFed); see `Method.check_update_masks`.
+    upload_masks: Tensors | None = None
 
 
 class ClientHalf:
@@ -217,6 +220,11 @@ class Method:
         counted once and used nowhere, as if the client had not replied."""
         return None
 
+    def check_update_masks(self, gm: GlobalModel, masks: Tensors) -> str | None:
+        """Why the masks a client's update arrived on are unacceptable, or None. By default they must be
+        the global masks; a method whose clients choose their own (`TrainJob.upload_masks`) overrides it."""
+        return same_masks(gm, masks)
+
     def aggregate(self, ctx: MethodContext, gm: GlobalModel, replies: list[Reply]) -> Tensors:
         """The round's new global state from the accepted replies: by default sample-weighted FedAvg over
         kept positions, robust as configured (`fl.aggregator`, `fl.max_weight_share`; shared.aggregate)."""
@@ -236,6 +244,16 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         self.summary = state["summary"]
+
+
+def same_masks(gm: GlobalModel, masks: Tensors) -> str | None:
+    """Why an update's masks are not the global masks (what every client trains on), or None."""
+    for name, mask in gm.masks.items():
+        if name not in masks:
+            return f"{name} arrived dense, without the global mask (density {mask.float().mean():.4f})"
+        if not torch.equal(masks[name], mask):
+            return f"mask of {name} differs from the global mask (density {masks[name].float().mean():.4f}, expected {mask.float().mean():.4f})"
+    return None
 
 
 def server_warmup(ctx: MethodContext, model: torch.nn.Module) -> None:

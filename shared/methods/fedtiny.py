@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 
 from shared import codec, protocol as p
-from shared.aggregate import trimmed_mean
 from shared.batchnorm import load_stats, running_stat_names
 from shared.config_checks import resolve
 from shared.draws import Draw
@@ -41,7 +40,7 @@ from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJo
 from shared.methods.registry import register
 from shared.pruning import ALLOCATIONS, SCORES, compute_masks, masks_from_scores
 from shared.pruning.scores import needs_data
-from shared.pruning.prune_grow import RIGL, merge_sparse
+from shared.pruning.prune_grow import grow_from_client_topk
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
 from shared.training import TrainResult
 
@@ -254,11 +253,9 @@ class FedTiny(Method):
             self.final_bn(ctx, gm)
 
     def adjust(self, gm: GlobalModel, replies: list[Reply]) -> None:
-        """Merge the clients' top-k gradients of the adjusted block (`merge_topk`); prune and grow k_l
-        weights per layer."""
-        grads = {n: merge_topk([r.extras[p.TOPK][n][:2] for r in replies], gm.state[n].shape) for n in self.pending}
-        weights = {n: gm.state[n] for n in self.pending}
-        masks, new_weights = RIGL.update(weights, {n: gm.masks[n] for n in self.pending}, grads, self.pending)
+        """Merge the clients' top-k gradients of the adjusted block; prune and grow k_l weights per layer."""
+        parts = {n: [r.extras[p.TOPK][n][:2] for r in replies] for n in self.pending}
+        masks, new_weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending)
         gm.state.update(new_weights)
         gm.set_masks({**gm.masks, **masks})
         self.adjustments += 1
@@ -291,16 +288,6 @@ class FedTiny(Method):
         super().load_state_dict(state)
         self.adjustments = state["adjustments"]
         self.blocks = state["blocks"]
-
-
-def merge_topk(parts: list[tuple[torch.Tensor, torch.Tensor]], shape: torch.Size) -> torch.Tensor:
-    """Clients' top-k (index, gradient) parts merged per position by the unweighted trimmed mean over
-    clients, a position a client did not send counting as 0 for it (FedTiny's server sums them,
-    arXiv 2212.01977; `shared.aggregate.trimmed_mean`). From 3 clients on, every position's highest
-    and lowest value are left out, so a position only one client sends merges to 0 and one client
-    in ten cannot choose which positions grow, however large its values."""
-    dense = [merge_sparse([part], shape, 1).double() for part in parts]
-    return trimmed_mean(dense, [1.0] * len(dense), 0.1).float()
 
 
 def check_topk(reply: Reply, gm: GlobalModel, pending: dict[str, int]) -> tuple[dict, str | None]:

@@ -36,6 +36,7 @@ DENSE = "fedavg"
 CEILING = "centralized"
 CEILING_LABEL = "centralized (ceiling, not federated)"
 FOCUS = "fedtiny"  # the method `comparison.md` compares seed by seed with every federated baseline
+DEFAULT_DENSITIES = "0.01,0.05"
 DEFAULT_OUTPUT_DIR = "outputs/compare"  # one fixed folder (not timestamped), so a rerun resumes the grid
 CSV_FIELDS = (
     "method", "density", "seed", "accuracy", "federated_accuracy", "final_density", "bytes_ratio", "bytes_total",
@@ -351,11 +352,16 @@ def _list(text: str, cast, flag: str) -> list:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from simulations.cli import suite
     from simulations.cli.launch import simulate
 
+    if args.suite:
+        return suite.command(args)
+    if not args.methods:
+        raise ConfigError("give --methods (or --suite NAME)")
     methods = _list(args.methods, str, "--methods")
-    densities = _list(args.densities, float, "--densities")
-    seeds = _list(args.seeds, int, "--seeds")
+    densities = _list(args.densities or DEFAULT_DENSITIES, float, "--densities")
+    seeds = _list(args.seeds or "0", int, "--seeds")
     method_overrides(args.focus, "--focus")  # a typo fails here, not as a silently missing table
     base = load_config(args.config, args.overrides)
     out = Path(base.output_dir or DEFAULT_OUTPUT_DIR).expanduser().resolve()
@@ -380,15 +386,18 @@ def _compare(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the `compare` subcommand to the `fedtiny` parser."""
+    from simulations.cli import suite
+
     cmp = subparsers.add_parser("compare", help="run methods x densities x seeds and write a comparison table and plots")
-    cmp.add_argument("--methods", required=True,
+    cmp.add_argument("--methods",
                      help=f"comma-separated: {','.join([*METHODS.names(), *ALIASES])} (or package.module:Class)")
-    cmp.add_argument("--densities", default="0.01,0.05", help="comma-separated target densities (fedavg runs dense once per seed)")
-    cmp.add_argument("--seeds", default="0", help="comma-separated seeds")
+    cmp.add_argument("--densities", help=f"comma-separated target densities (default {DEFAULT_DENSITIES}; fedavg runs dense once per seed)")
+    cmp.add_argument("--seeds", help="comma-separated seeds (default 0)")
     cmp.add_argument("--config", help="YAML file merged onto configs/default.yaml")
     cmp.add_argument("--focus", default=FOCUS,
                      help="the method compared seed by seed with every federated baseline in comparison.md")
     cmp.add_argument("--report-only", action="store_true",
                      help="run nothing: write the table and plots from the grid's finished cells (a grid run in parts)")
     cmp.add_argument("overrides", nargs="*", help="key=value overrides for every run; output_dir= is the grid's folder")
+    suite.add_arguments(cmp)
     cmp.set_defaults(func=_compare)
