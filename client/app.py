@@ -24,7 +24,7 @@ def _run(handler, msg: Message, context: Context) -> Message:
     runtime = client_runtime(context, msg.content)
     content = handler(runtime, msg.content, context.state)
     if runtime.partition_id in attacks.attackers(runtime.config):  # the attack drill (simulation.attack)
-        masks = tasks.stored_masks(context.state)
+        masks = tasks.stored_masks(context.state, runtime.new_model())
         content = attacks.poison(runtime.config.simulation.attack, msg.metadata.message_type, msg.content, content, masks)
     return Message(content, reply_to=msg)
 

@@ -130,8 +130,8 @@ def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torc
     """Decode the global model with the masks this node already holds, and remember new masks.
 
     The model and the masks returned are on the runtime's device."""
-    known = stored_masks(state)
     model = rt.new_model()
+    known = stored_masks(state, model)
     tensors, masks = codec.decode(blob, masks=known, expected=codec.expect(model.state_dict()))
     if masks:
         merged = {**known, **masks}
@@ -142,10 +142,12 @@ def _load_model(rt: ClientRuntime, blob: bytes, state: RecordDict) -> tuple[torc
     return model, {n: m.to(rt.device) for n, m in masks.items()}
 
 
-def stored_masks(state: RecordDict) -> dict[str, torch.Tensor]:
+def stored_masks(state: RecordDict, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The masks this node stored, decoded to `model`'s layout only (uint8 of its tensors' shapes)."""
     if MASK_STATE not in state:
         return {}
-    tensors, _ = codec.decode(state[MASK_STATE]["masks"])
+    layout = codec.expect(model.state_dict(), dict.fromkeys(model.state_dict(), torch.uint8))
+    tensors, _ = codec.decode(state[MASK_STATE]["masks"], expected=layout)
     return {n: t.bool() for n, t in tensors.items()}
 
 

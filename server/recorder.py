@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shared import rundir
+from shared.units import bytes_axis
 
 PROGRESS_PREFIX = "[fedtiny]"
 ROUND_FIELDS = ("round", "phase", "density", "accuracy", "loss", "bytes_up", "bytes_down", "seconds", "clients", "failures", "rejected", "dense_bytes", "train_loss", "federated_accuracy")
@@ -85,10 +86,12 @@ def run_title(config) -> str:
 
 
 def plot(out: Path, rounds: list[RoundRecord], masks: Mapping[str, Any] | None = None, title: str = "") -> None:
-    """accuracy.png (central test accuracy in %), density.png, bytes.png (cumulative payload bytes
-    against dense FedAvg's for the same rounds and clients) and layer_density.png (weights each layer
-    keeps); every figure titled with the run. Log axes show only positive values (round 0 sends no
-    bytes when nothing is searched), so nothing is drawn at a made-up 1 byte."""
+    """accuracy.png (central test accuracy in %), bytes.png (cumulative payload bytes against dense
+    FedAvg's for the same rounds and clients, in KB / MB / GB) and layer_density.png (each layer's
+    density and the weights it keeps: where the budget went, and whether a layer was cut); every
+    figure titled with the run. The overall density is the target in every round of a pruned run,
+    so it is not plotted. Log axes show only positive values (round 0 sends no bytes when nothing
+    is searched), so nothing is drawn at a made-up 1 byte."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +103,7 @@ def plot(out: Path, rounds: list[RoundRecord], masks: Mapping[str, Any] | None =
         for legend, (x, y) in series.items():
             ax.plot(x, y, marker="o", markersize=3, label=legend or None, linestyle="--" if legend.startswith("dense") else "-")
         if log_y:
-            ax.set_yscale("log")
+            bytes_axis(ax.yaxis)
         if len(series) > 1:
             ax.legend(fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -117,7 +120,6 @@ def round_figures(rounds: list[RoundRecord]) -> dict[str, tuple[str, bool, dict[
     figures = {
         "accuracy": ("central test accuracy (%)", False,
                      {"": ([r.round for r in evaluated], [100 * r.accuracy for r in evaluated])}),
-        "density": ("density of prunable weights", True, {"": (xs, [r.density for r in rounds])}),
         "bytes": ("cumulative payload bytes (up + down)", True, {
             "this run": (xs, list(accumulate(r.bytes_up + r.bytes_down for r in rounds))),
             "dense FedAvg, same rounds and clients": (xs, list(accumulate(r.dense_bytes for r in rounds))),
@@ -131,14 +133,18 @@ def round_figures(rounds: list[RoundRecord]) -> dict[str, tuple[str, bool, dict[
 
 
 def _plot_kept(out: Path, masks: Mapping[str, Any], title: str, plt) -> None:
-    """Weights each layer keeps, labelled with its density: a layer at 0 is cut (layer collapse)."""
+    """Each layer's density (%), labelled with the weights it keeps of its total: where the budget
+    went, and which layer is cut (0%: layer collapse, Tanaka et al., arXiv 2006.05467)."""
     kept = {name: (int(m.sum()), m.numel()) for name, m in masks.items()}
     fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(kept)), 3.8))
-    bars = ax.bar(range(len(kept)), [k for k, _ in kept.values()])
+    bars = ax.bar(range(len(kept)), [100 * k / n for k, n in kept.values()])
     for bar, (k, n) in zip(bars, kept.values()):
-        ax.annotate(f"{k / n:.1%}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=6)
+        ax.annotate(f"{k:,}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=6)
+    total_kept, total = sum(k for k, _ in kept.values()), sum(n for _, n in kept.values())
+    ax.axhline(100 * total_kept / max(1, total), color="C1", linestyle="--", label=f"overall {total_kept / max(1, total):.2%}")
+    ax.legend(fontsize=7)
     ax.set_xticks(range(len(kept)), [f"{name}\n({n:,})" for name, (_, n) in kept.items()], rotation=70, fontsize=6)
-    _finish(fig, ax, title, "layer (weights)", "weights kept in the final mask", out / rundir.LAYER_DENSITY_PLOT, plt)
+    _finish(fig, ax, title, "layer (weights)", "density (% of the layer kept)", out / rundir.LAYER_DENSITY_PLOT, plt)
 
 
 def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: Path, plt) -> None:

@@ -21,7 +21,7 @@ Conventions
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +105,21 @@ def _inputs(batch: Any) -> Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _no_single_examples(inputs: Iterable[Tensor]) -> Iterator[Tensor]:
+    """The input batches with each batch of one example joined to the batch before it (or after it,
+    when it comes first); a lone example with nothing to join is dropped."""
+    held: Tensor | None = None
+    for x in inputs:
+        if held is not None and (len(x) < 2 or len(held) < 2):
+            held = torch.cat([held, x])
+            continue
+        if held is not None:
+            yield held
+        held = x
+    if held is not None and len(held) >= 2:
+        yield held
+
+
 @torch.no_grad()
 def recalibrate(model: nn.Module, batches: Iterable[Any]) -> BNStats:
     """Reset and recompute every BN layer's statistics on `batches`; return them exactly.
@@ -114,7 +129,8 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> BNStats:
     each BN input over all samples and positions; these then replace the running statistics
     (unbiased variance, see the module docstring). Weights are untouched and each module's
     train/eval mode is restored. `batches` yields ``(x, y)`` pairs or input tensors; a batch of
-    one example is skipped, since train-mode batch norm cannot normalize it.
+    one example (a split's last, when its size leaves one over) joins the batch before it, since
+    train-mode batch norm cannot normalize a single example, so the counts cover every example.
     """
     modules = bn_modules(model)
     parts: dict[str, list[tuple[Tensor, Tensor, int]]] = {name: [] for name in modules}
@@ -134,10 +150,7 @@ def recalibrate(model: nn.Module, batches: Iterable[Any]) -> BNStats:
             m.reset_running_stats()
             m.momentum = None
         model.train()
-        for batch in batches:
-            x = _inputs(batch)
-            if len(x) < 2:  # train-mode BN cannot normalize a single example (a split's last batch)
-                continue
+        for x in _no_single_examples(_inputs(b) for b in batches):
             model(x.to(device))
     finally:
         for h in handles:

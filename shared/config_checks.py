@@ -6,6 +6,7 @@ import math
 from dataclasses import fields, is_dataclass
 from typing import Any
 
+from shared.bounds import check_bounds
 from shared.config_schema import ATTACKS, FAIL_MODES, MAX_CPUS, MAX_WIDTH, METHOD_NAMES, TRACKING, Config, ConfigError
 
 
@@ -28,7 +29,7 @@ def validate(c: Config) -> None:
 
     def check(ok: bool, key: str, why: str) -> None:
         if not ok:
-            raise ConfigError(f"config key {key!r} {why} (got {_get(c, key)!r})")
+            raise ConfigError(f"config key {key!r} {why} (got {_get(c, key)!r:.200})")
 
     check(c.method in METHOD_NAMES or ":" in c.method, "method",
           f"must be one of {', '.join(sorted(METHOD_NAMES))} (or package.module:Class from a trusted package)")
@@ -71,6 +72,7 @@ def validate(c: Config) -> None:
     check(c.simulation.fail_mode in FAIL_MODES, "simulation.fail_mode", f"must be one of {', '.join(FAIL_MODES)}")
     check(c.simulation.attack in ATTACKS, "simulation.attack", f"must be one of {', '.join(ATTACKS)}")
     check(0.0 <= c.simulation.attack_fraction < 0.5, "simulation.attack_fraction", "must be in [0, 0.5)")
+    check_bounds(c, check)  # finite but absurd values (shared.bounds)
     for section in c.sections.values():
         if hasattr(section, "validate"):
             section.validate(c, check)

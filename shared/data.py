@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
+from shared.registry import call_user
 from shared.bundle import DATASETS, Batches, DataBundle, DataLoader, batches, channel_stats, to_tensor
 from shared.dataset_files import (
     CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_DIR, FASHION_MNIST_MEAN, FASHION_MNIST_STD, MAX_CIFAR_BATCH_BYTES,
@@ -58,7 +59,7 @@ def _load_cached(name: str, path: str, seed: int, test_fraction: float, trusted:
     if name in DATASETS:
         result = loader(path, seed, test_fraction)
     else:
-        result = _call_user_loader(loader, path=path, seed=seed, test_fraction=test_fraction)
+        result = call_user(_call_user_loader, f"dataset {name!r}", loader, path=path, seed=seed, test_fraction=test_fraction)
     bundle = _as_bundle(result, name)
     for array in (bundle.x_train, bundle.y_train, bundle.x_test, bundle.y_test):
         array.setflags(write=False)

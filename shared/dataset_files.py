@@ -169,6 +169,25 @@ _BATCH_GLOBALS: dict[tuple[str, str], Callable[[], object]] = {
 }
 
 
+def _batch_arrays(record: object) -> tuple[np.ndarray, np.ndarray]:
+    """(data, labels) of an unpickled batch, its structure checked before anything is converted.
+
+    A published batch holds `data` as an (N, 3072) uint8 array and `labels` as a list of N ints.
+    Only that is accepted: `np.asarray` of anything else (nested lists that share their items,
+    which a pickle of a few KB can hold) would materialise it before any shape check.
+    """
+    if not isinstance(record, dict):
+        raise TypeError(f"it holds a {type(record).__name__}, not a dict")
+    data, labels = record.get(b"data"), record.get(b"labels")
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32):
+        what = f"{data.dtype} array {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise TypeError(f"its data is a {what}, not an (N, 3072) uint8 array")
+    if not (isinstance(labels, list) and len(labels) == len(data) and all(type(v) is int for v in labels)):
+        what = f"{len(labels)} items" if isinstance(labels, list) else type(labels).__name__
+        raise TypeError(f"its labels are {what}, not a list of {len(data)} ints")
+    return data, np.asarray(labels, dtype=np.int64)
+
+
 def _read_cifar_batch(file: str) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 "python version" batch, read with `_BatchUnpickler` (no code runs, whatever the file holds)."""
     size = os.path.getsize(file)
@@ -177,15 +196,10 @@ def _read_cifar_batch(file: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(file, "rb") as f:
             record = _BatchUnpickler(f, encoding="bytes").load()
-        if not isinstance(record, dict):
-            raise TypeError(f"it holds a {type(record).__name__}, not a dict")
-        data = np.asarray(record[b"data"], dtype=np.uint8)
-        labels = np.asarray(record[b"labels"], dtype=np.int64)
+        data, labels = _batch_arrays(record)
     except Exception as exc:  # noqa: BLE001  any failure of a file from outside is one line naming it
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"cifar10: {file} is not a CIFAR-10 python batch ({reason})") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-        raise ValueError(f"cifar10: {file} holds data {data.shape} and {len(labels)} labels, expected (N, 3072) and N")
     if labels.size and (labels.min() < 0 or labels.max() >= 10):
         raise ValueError(f"cifar10: {file} has labels outside 0..9")
     return data.reshape(-1, 3, 32, 32), labels

@@ -38,7 +38,7 @@ def resolve(name: str) -> torch.device:
     if not available:
         raise DeviceError(
             f"asks for CUDA, but this torch ({torch.__version__}) sees no CUDA GPU; use device=cpu or auto, "
-            "or install torch's CUDA build (README 'GPUs')"
+            "or install torch's CUDA build (docs/gpus-and-clusters.md)"
         )
     index = int(name.partition(":")[2] or 0)
     count = torch.cuda.device_count()

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from shared.pruning.params import prunable_names
-from shared.registry import Registry
+from shared.registry import Registry, call_user
 
 ModelBuilder = Callable[..., nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model", allow_import=True)
@@ -222,7 +222,8 @@ def build_model(
     input_shape = tuple(int(s) for s in input_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = builder(num_classes=num_classes, input_shape=input_shape, width=width)
+        kwargs = {"num_classes": num_classes, "input_shape": input_shape, "width": width}
+        model = builder(**kwargs) if name in MODELS else call_user(builder, f"model {name!r}", **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     model.input_shape = input_shape

@@ -62,16 +62,20 @@ def import_callable(spec: str, kind: str = "callable", trusted: Iterable[str] = 
     """
     module_name, _, attr = spec.partition(":")
     package = module_name.split(".", 1)[0]
+    if not (all(part.isidentifier() for part in module_name.split(".")) and attr.isidentifier()):
+        raise ValueError(f"{kind} {spec!r} is not package.module:name (dotted Python identifiers)")
     if package not in set(trusted):
         raise ValueError(
             f"{kind} {spec!r} would import and run code from package {package!r}, which is not trusted; "
-            f"if you trust it, add it to the config: trusted=[{package}]"
+            f"if you trust it, add it to the config: trusted=[{package}] (fedtiny infer: --trust {package}; "
+            f"a run folder's own trusted list is never used)"
         )
     find_in_user_dir(package)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"{kind} {spec!r}: cannot import module {module_name!r} ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001  a trusted module that fails to import is one line, not a traceback
+        first = (str(exc).splitlines() or [""])[0]
+        raise ValueError(f"{kind} {spec!r}: cannot import module {module_name!r} ({type(exc).__name__}: {first})") from None
     try:
         fn = getattr(module, attr)
     except AttributeError:
@@ -79,6 +83,16 @@ def import_callable(spec: str, kind: str = "callable", trusted: Iterable[str] = 
     if not callable(fn):
         raise ValueError(f"{kind} {spec!r} is not callable")
     return fn
+
+
+def call_user(fn: Callable, what: str, *args, **kwargs):
+    """`fn(*args, **kwargs)` for a user's imported callable: any exception it raises (a wrong signature
+    included) becomes one ValueError line naming `what`, so a config naming it ends in exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001  user code: whatever it raises is reported, not a traceback
+        first = (str(exc).splitlines() or [""])[0]
+        raise ValueError(f"{what} failed: {type(exc).__name__}: {first[:300]}") from None
 
 
 def find_in_user_dir(package: str) -> None:

@@ -5,7 +5,7 @@ malicious; 3, the same job with 3 clients, all in every round, 1 of them malicio
 reproduces with one command, e.g. `fedtiny run simulation.attack=huge simulation.attack_fraction=0.1`
 (`client.attacks` lists the kinds). Here every run goes through the real ServerApp and ClientApp in
 this process (`simulations.inprocess`, no Ray: the same messages and results, one core), and the
-figures print as JSON lines, then as the README table:
+figures print as JSON lines, then as a Markdown table:
 
     python -m simulations.attack_drill [--kinds huge,topk] [--clients 3] [--seeds 0,1,2] [--method fedtiny] [key=value ...]
 

@@ -3,7 +3,7 @@
 Run as `python -m simulations.bench NAME [--smoke]`, NAME one of scale, overhead, bytes,
 memory, ray-cluster. Each prints progress to stderr and its figures as one JSON object on
 the last line of stdout. `--smoke` runs a tiny version (digits, a few clients) for CI;
-without it the sizes of the README's Performance table are used (Fashion-MNIST).
+without it the full sizes of docs/performance.md (Fashion-MNIST).
 Runs happen one after another in this process tree, so ratios compare like with like.
 """
 

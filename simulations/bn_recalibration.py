@@ -4,8 +4,7 @@ FedTiny's `fedtiny.final_bn_clients` replaces the final model's averaged BN stat
 exact pool of sampled clients' recalibrations (ABNS steps 2-3). This replays that offline on a
 finished run: `--draws` times, `--clients` clients are sampled, each recalibrates on its held-out
 split, the statistics are pooled, and the model is scored on the test split, on every client's
-held-out split and on the held-out splits of the clients not sampled. README "FedTiny's regime"
-used it to find why the recalibration gained on held-out data in tuning but not on the grid. It
+held-out split and on the held-out splits of the clients not sampled. It
 reads the test split, so settings must not be chosen by it (use `simulations.heldout`).
 
     python -m simulations.bn_recalibration RUN_DIR [RUN_DIR ...] [--clients 10] [--draws 3]
@@ -21,12 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared import rundir
 from shared.batchnorm import load_stats, pool_stats, recalibrate
-from shared.config import load_config
 from shared.data import batches, load_for
 from shared.export.spec import load_run
 from shared.partition import every_client_data
+from shared.saved_config import load_saved
 from shared.training import evaluate
 from simulations.heldout import heldout_of, print_each
 
@@ -45,7 +43,7 @@ def _scores(model, bundle, heldout: tuple, unsampled: tuple | None) -> dict:
 
 def replay(run_dir: Path, clients: int, draws: int, seed: int = 0) -> dict:
     """Accuracies of `run_dir`'s final model as it ended and after each draw's pooled recalibration."""
-    config = load_config(run_dir / rundir.CONFIG)
+    config = load_saved(run_dir)
     model, _, _ = load_run(run_dir)
     ended = {k: v.clone() for k, v in model.state_dict().items()}
     bundle = load_for(config)

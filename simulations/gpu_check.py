@@ -13,7 +13,7 @@
 Prints one JSON object on the last line of stdout and exits 0 when the accuracies agree, 1 when
 they do not, 2 (one line) when this machine has no CUDA GPU.
 
-Run (repository root, a venv with torch's CUDA build: README "GPUs"):
+Run (repository root, a venv with torch's CUDA build: docs/gpus-and-clusters.md):
 
     python -m simulations.gpu_check                       # Fashion-MNIST at /usr/share/datasets/fashion-mnist
     python -m simulations.gpu_check --fashion-mnist DIR   # DIR holds the four *-ubyte.gz files

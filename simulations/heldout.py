@@ -1,7 +1,6 @@
 """Score finished runs on the union of every client's held-out split, for tuning without the test set.
 
-The issue "FedTiny in its own regime" asks that hyperparameters be chosen on the clients' held-out
-data, never on the test set. A run's own federated evaluation samples `fl.clients_per_round`
+Hyperparameters are chosen on the clients' held-out data, never on the test set. A run's own federated evaluation samples `fl.clients_per_round`
 clients (about 1,900 held-out images in the regime config: a standard error near 0.8 points), too
 noisy to rank settings that differ by a point. This scores a run's final model on every client's
 held-out split (`shared.partition.client_data`, the very slices the clients hold out; 12,000
@@ -23,11 +22,11 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from shared import rundir
-from shared.config import ConfigError, load_config
+from shared.config import ConfigError
 from shared.data import batches, load_for
 from shared.export.spec import load_run
 from shared.partition import ClientData, every_client_data
+from shared.saved_config import load_saved
 from shared.training import evaluate
 
 
@@ -46,7 +45,7 @@ def heldout_union(config) -> tuple[object, np.ndarray, np.ndarray]:
 
 def score(run_dir: Path) -> dict:
     """The final model of `run_dir` on the union of its clients' held-out splits."""
-    config = load_config(run_dir / rundir.CONFIG)
+    config = load_saved(run_dir)
     model, _, _ = load_run(run_dir)
     bundle, x, y = heldout_union(config)
     result = evaluate(model, batches(bundle, x, y, 512, False, 0))

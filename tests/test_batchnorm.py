@@ -149,12 +149,25 @@ def test_tensor_form_rejects_incomplete_layer():
         bn_stats_from_tensors({"bn.mean": torch.zeros(2), "bn.var": torch.ones(2)})
 
 
-def test_a_single_example_batch_is_skipped_not_fatal(tiny_model, tiny_batches):
+def test_a_last_batch_of_one_example_is_counted_with_the_batch_before(tiny_model, tiny_batches):
+    """A held-out split of 33 in batches of 32 ends in a batch of one: its BN count must still say 33
+    examples (the server checks the count against num-examples)."""
     x, y = tiny_batches[0]
-    with_single = recalibrate(tiny_model, [(x, y), (x[:1], y[:1])])
-    without = recalibrate(tiny_model, [(x, y)])
-    for name in without:
-        assert torch.allclose(with_single[name][0], without[name][0]) and with_single[name][2] == without[name][2]
+    with_single = recalibrate(copy.deepcopy(tiny_model), [(x, y), (x[:1], y[:1])])
+    joined = recalibrate(copy.deepcopy(tiny_model), [(torch.cat([x, x[:1]]), None)])
+    for name, (mean, var, count) in joined.items():
+        assert with_single[name][2] == count
+        torch.testing.assert_close(with_single[name][0], mean, rtol=0, atol=0)
+        torch.testing.assert_close(with_single[name][1], var, rtol=0, atol=0)
+
+
+def test_single_example_batches_join_a_neighbour_in_batchnorm1d():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    x = torch.randn(9, 4)
+    assert recalibrate(model, [(x[:1], None), (x[1:5], None), (x[5:8], None), (x[8:], None)])["1"][2] == 9
+    with pytest.raises(ValueError, match="saw no input"):
+        recalibrate(model, [(x[:1], None)])
 
 
 def test_restarted_running_stats_are_the_plain_average_of_the_next_batches(tiny_model, six_batches):

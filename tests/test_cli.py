@@ -92,7 +92,8 @@ def test_off_a_terminal_the_progress_is_whole_lines_without_a_bar(capsys, tmp_pa
         "[fedtiny] output directory /tmp/x", "[fedtiny] round 0/2 phase=search clients=4", "[fedtiny] round 1/2 phase=train clients=2",
     ]
     assert "\r" not in out + err and err == ""
-    assert (tmp_path / "run.log").read_text() == "".join(STREAM)
+    assert (tmp_path / "run.log").read_text() == "".join(STREAM).replace("\x1b[92m", "").replace("\x1b[0m", "")
+    assert "\x1b" not in (tmp_path / "run.log").read_text()
 
 
 def test_on_a_terminal_a_bar_counts_the_rounds(capsys, tmp_path):
@@ -105,9 +106,30 @@ def test_on_a_terminal_a_bar_counts_the_rounds(capsys, tmp_path):
 def test_the_final_line_names_the_runs_duration_apart_from_the_commands(capsys, tmp_path):
     summary = {"accuracy": 0.9, "density": 0.05, "bytes_ratio": 0.05, "wall_seconds": 52.14}
     common.print_summary({"summary": summary}, tmp_path, total_seconds=71.0)
-    assert capsys.readouterr().out.strip() == (
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"accuracy=0.9000 density=0.0500 bytes_ratio=0.0500 wall_seconds=52.1 total_seconds=71.0 outputs={tmp_path}"
     )
+
+
+def test_the_summary_says_where_the_results_are_and_what_they_say(capsys, tmp_path):
+    summary = {"accuracy": 0.975, "federated_accuracy": 0.9389, "density": 0.05, "bytes_ratio": 0.0543,
+               "bytes_up": 5_000_000, "bytes_down": 6_700_000, "dense_bytes_up": 100_000_000,
+               "dense_bytes_down": 115_000_000, "wall_seconds": 52.1, "selected": "lamp+magnitude"}
+    for name in ("accuracy.png", "bytes.png", "events.out.tfevents.1.host"):
+        (tmp_path / name).write_bytes(b"x")
+    common.print_summary({"summary": summary}, tmp_path)
+    out = capsys.readouterr().out
+    assert f"outputs      {tmp_path}" in out
+    assert "97.50% central test, 93.89% federated" in out
+    assert "0.0543 of dense FedAvg (11.7 MB against 215 MB, both ways)" in out
+    assert "lamp+magnitude (selected by the pruning policy search)" in out
+    assert "accuracy.png, bytes.png" in out and f"tensorboard --logdir {tmp_path}" in out
+
+
+def test_no_tensorboard_line_when_the_run_wrote_no_event_files(capsys, tmp_path):
+    summary = {"accuracy": 0.9, "density": 0.05, "bytes_ratio": 0.05, "wall_seconds": 1.0}
+    common.print_summary({"summary": summary}, tmp_path)
+    assert "TensorBoard" not in capsys.readouterr().out
 
 
 def test_flowers_home_with_its_copy_of_the_app_is_gone_after_the_run():
@@ -166,3 +188,21 @@ def test_the_readme_recipe_runs_a_users_model_and_data_from_the_current_director
             "trusted=mypkg", "pruning.keep_first_dense=false", "fl.rounds=2", "fl.num_clients=4", f"output_dir={out}"]
     assert cli_main(args) == 0
     assert (out / "metrics.json").exists() and not (out / ".flwr").exists()
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["model.name=.os:system", "trusted=['']"], "is not package.module:name"),
+    (["model.name=json.__init__:loads", "trusted=[json]"], "model 'json.__init__:loads' failed: TypeError"),
+    (["dataset.name=json:loads", "trusted=[json]"], "dataset 'json:loads' failed: TypeError"),
+    (["output_dir=/tmp/" + "a" * 300], "'output_dir' must be a path"),
+])
+def test_names_and_paths_that_ended_in_a_traceback_are_one_line_and_exit_2(capsys, no_run, overrides, why):
+    assert cli_main(["run", *overrides]) == 2
+    assert why in one_line_error(capsys)
+
+
+def test_an_output_dir_the_file_system_cannot_hold_is_one_line(tmp_path):
+    from shared.config import Config
+
+    with pytest.raises(common.ConfigError, match="cannot be a folder here"):
+        common.check_output_dir(Config(output_dir=str(tmp_path) + ("/" + "a" * 250) * 17))  # over PATH_MAX

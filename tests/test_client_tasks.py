@@ -123,3 +123,18 @@ def test_evaluate_reports_accuracy_on_holdout(setup):
     reply = _send(ctx, node, p.EVALUATE, RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(node)})}))
     m = reply.content[p.METRICS]
     assert 0.0 <= m[p.ACCURACY] <= 1.0 and m[p.NUM_EXAMPLES] > 0
+
+
+def test_stored_masks_decode_only_to_the_models_layout(setup):
+    from client.tasks import MASK_STATE, stored_masks
+
+    ctx, _, _ = setup
+    model = ctx.new_model()
+    state = RecordDict()
+    state[MASK_STATE] = ConfigRecord({"masks": codec.encode({"huge": torch.zeros(2**25, dtype=torch.uint8)})})
+    assert len(state[MASK_STATE]["masks"]) < 100_000
+    with pytest.raises(codec.DecodeError):
+        stored_masks(state, model)
+    mask = {n: torch.ones_like(t, dtype=torch.uint8) for n, t in model.state_dict().items() if n.endswith("weight")}
+    state[MASK_STATE] = ConfigRecord({"masks": codec.encode(mask)})
+    assert set(stored_masks(state, model)) == set(mask)

@@ -765,3 +765,32 @@ def test_packed_model_naming_a_module_is_refused_without_importing_it(tmp_path, 
     with pytest.raises(ValueError, match="'evil_pkg:build' would import and run code from package 'evil_pkg', which is not trusted"):
         export.load_packed(tmp_path / "model.packed")
     assert not (tmp_path / "ran").exists()
+
+
+def test_decode_sparse_without_a_layout_bounds_the_shape_so_no_index_wraps_negative() -> None:
+    """A shape of (2**32 - 1)**3 holds index 2**64 - 1, which int64 would read as -1."""
+    data = bytearray(encode_sparse({"g": (torch.tensor([0]), torch.tensor([1.0]), (2**32 - 1,) * 3)}))
+    index_offset = 8 + 2 + 1 + 1 + 3 * 4 + 1 + 8
+    assert data[index_offset - 9] == 8  # u64 indices
+    data[index_offset : index_offset + 8] = struct.pack("<Q", 2**64 - 1)
+    with pytest.raises(codec.DecodeError, match=f"more than {codec.MAX_ELEMENTS} elements"):
+        decode_sparse(bytes(data))
+
+
+def test_a_deflated_payload_claiming_more_than_deflate_produces_is_refused_before_inflating() -> None:
+    data = bytearray(codec.encode({"w": torch.zeros(4096)}))
+    assert data[:3] == codec.DEFLATE_MAGIC
+    stream = len(data) - 12
+    data[4:12] = struct.pack("<Q", codec.DEFLATE_MAX_RATIO * stream + 65)
+    with pytest.raises(codec.DecodeError, match="more than deflate produces"):
+        decode(bytes(data))
+
+
+def test_decode_entry_reads_one_entry_and_steps_over_the_rest() -> None:
+    small = torch.arange(5, dtype=torch.uint8)
+    data = encode({"big": torch.zeros(2**20), "small": small}, compress=True)
+    assert torch.equal(codec.decode_entry(data, "small", 5), small)
+    with pytest.raises(codec.DecodeError, match="over 4 decoded elements"):
+        codec.decode_entry(data, "small", 4)
+    with pytest.raises(codec.DecodeError, match="no entry 'none'"):
+        codec.decode_entry(data, "none", 10)

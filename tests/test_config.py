@@ -132,9 +132,22 @@ def test_ctrl_c_during_a_run_is_one_line_naming_the_resume_command(capsys, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(launch, "simulate", interrupted)
+    (tmp_path / "checkpoint.json").write_text("{}")  # a round finished before the interruption
     assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
     err = capsys.readouterr().err.strip()
     assert err == f"fedtiny: interrupted; continue from the last checkpoint with: fedtiny run --resume {tmp_path}"
+
+
+def test_ctrl_c_before_the_first_checkpoint_suggests_no_resume(capsys, monkeypatch, tmp_path):
+    from simulations.cli import launch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch, "simulate", interrupted)
+    assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "fedtiny: interrupted before the first round's checkpoint; nothing to resume, start the run again"
 
 
 def test_sigterm_during_a_run_stops_it_like_ctrl_c(capsys, monkeypatch, tmp_path):
@@ -150,6 +163,7 @@ def test_sigterm_during_a_run_stops_it_like_ctrl_c(capsys, monkeypatch, tmp_path
 
     monkeypatch.setattr(launch, "simulate", terminated)
     previous = signal.getsignal(signal.SIGTERM)
+    (tmp_path / "checkpoint.json").write_text("{}")
     assert cli_main(["run", f"output_dir={tmp_path}"]) == 130
     assert "fedtiny run --resume" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is previous
@@ -184,3 +198,26 @@ def test_an_output_dir_under_a_regular_file_is_refused_before_the_run(tmp_path):
     with pytest.raises(ConfigError, match="is a file, so .* cannot be a folder"):
         check_output_dir(load_config(None, [f"output_dir={tmp_path / 'file' / 'run'}"]))
     check_output_dir(load_config(None, [f"output_dir={tmp_path / 'new' / 'run'}"]))  # creatable: fine
+
+
+@pytest.mark.parametrize("override, why", [
+    ("fl.round_timeout=1e300", r"'fl.round_timeout' must be in \[0, 604,800\]"),
+    ("fl.lr=1e308", r"'fl.lr' must be in \[0, 10\]"),
+    ("fl.rounds=100000000000", r"'fl.rounds' must be in \[1, 100,000\]"),
+    ("fl.batch_size=1000000000000", r"'fl.batch_size' must be in \[1, 65,536\]"),
+    ("fl.local_epochs=1000000", r"'fl.local_epochs' must be in \[1, 1,000\]"),
+    ("seed=-1", r"'seed' must be in \[0, 4,294,967,295\]"),
+    ("fedtiny.alpha=1e300", r"'fedtiny.alpha' must be in \[-1,000,000,000, 1,000,000,000\]"),
+    ("output_dir=" + "a" * 100_000, "'output_dir' must be a path of at most 4096 characters"),
+])
+def test_finite_but_absurd_values_are_refused_in_one_short_line(override, why):
+    with pytest.raises(ConfigError, match=why) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+
+
+def test_every_shipped_config_is_within_the_bounds():
+    from shared.config import CONFIG_DIR
+
+    for path in CONFIG_DIR.glob("*.yaml"):
+        load_config(path)

@@ -365,3 +365,25 @@ def test_batches_without_shuffle_keep_order_and_are_reiterable() -> None:
     assert len(stream) == 4
     assert torch.cat([y for _, y in stream]).tolist() == list(range(10))
     assert torch.cat([y for _, y in stream]).tolist() == list(range(10))
+
+
+def _shared_nested_lists(depth: int = 22) -> list:
+    """A few hundred bytes of pickle that `np.asarray` would expand to 2**depth elements: each level
+    holds the level below twice (the pickle memo shares it)."""
+    level: list = [0]
+    for _ in range(depth):
+        level = [level, level]
+    return level
+
+
+@pytest.mark.parametrize("key", [b"data", b"labels"])
+def test_cifar10_batch_of_shared_nested_lists_is_refused_before_it_is_materialised(tmp_path: Path, key: bytes) -> None:
+    directory = fake_cifar10(tmp_path / "cifar")
+    record = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [1, 2], key: _shared_nested_lists()}
+    raw = pickle.dumps(record)
+    assert len(raw) < 10_000
+    (directory / "data_batch_2").write_bytes(raw)
+    with pytest.raises(ValueError, match="data_batch_2 is not a CIFAR-10 python batch") as err:
+        load_dataset("cifar10", str(directory))
+    what = "its data is a list, not an" if key == b"data" else "its labels are 2 items, not a list of 2 ints"
+    assert what in str(err.value) and "\n" not in str(err.value)

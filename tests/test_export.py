@@ -260,6 +260,12 @@ def test_cli_export_then_infer_reports_accuracy_and_latency(run_dir: Path, tmp_p
     assert "format=onnx" in lines[-1] and "accuracy=" in lines[-1] and "latency_ms_per_batch=" in lines[-1]
 
 
+def test_export_makes_the_folder_it_writes_into(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m" / "model.ftc"  # as in docs/export.md: `--out m/model.ftc` without an m/ yet
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+
+
 def test_cli_float16_for_a_non_packed_format_is_a_one_line_error(run_dir: Path, tmp_path: Path, capsys) -> None:
     code = main(["export", str(run_dir), "--format", "onnx", "--float16", "--out", str(tmp_path / "m.onnx")])
     assert code == 2

@@ -61,8 +61,8 @@ def serving(srv: uvicorn.Server):
         thread.join(10)
 
 
-@pytest.fixture
-def gate(tmp_path):
+@contextmanager
+def gate_and_superlink(tmp_path, **options):
     """(gate URL, CA file, fake SuperLink) with the fake on 127.0.0.1 behind the gate, both TLS."""
     tls = make_tls(tmp_path / "certs")
     fake = FakeSuperLink()
@@ -71,8 +71,14 @@ def gate(tmp_path):
         fake, host="127.0.0.1", port=link_port, ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key),
         log_level="warning", lifespan="off", ws="none",
     ))
-    with serving(upstream), serving(server(("127.0.0.1", gate_port), f"127.0.0.1:{link_port}", tls)):
+    with serving(upstream), serving(server(("127.0.0.1", gate_port), f"127.0.0.1:{link_port}", tls, **options)):
         yield f"https://127.0.0.1:{gate_port}", str(tls.ca_cert), fake
+
+
+@pytest.fixture
+def gate(tmp_path):
+    with gate_and_superlink(tmp_path) as g:
+        yield g
 
 
 def test_fleet_request_and_reply_pass_byte_exact(gate):
@@ -153,3 +159,63 @@ def test_certificate_that_does_not_name_the_superlink_host_is_one_config_error(t
         check_names_host(tls.server_cert, "127.0.0.1")
     check_names_host(make_tls(tmp_path / "ok", ["10.0.0.1", "superlink.example", "127.0.0.1"]).server_cert, "127.0.0.1")
     check_names_host(tls.server_cert, "SuperLink.example")
+
+
+def _tls_socket(url: str, ca: str) -> ssl.SSLSocket:
+    port = int(url.rsplit(":", 1)[1])
+    return ssl.create_default_context(cafile=ca).wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                                                             server_hostname="127.0.0.1")
+
+
+def test_an_ordinary_fleet_request_is_answered_within_a_second_while_200_slow_senders_are_open(gate):
+    """Each slow sender has sent its headers and one byte of a 100 kB body; none of them may hold one of
+    the gate's connections to the SuperLink, so an ordinary request is not queued behind them."""
+    url, ca, fake = gate
+    slow = []
+    try:
+        for _ in range(200):
+            sock = _tls_socket(url, ca)
+            sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\nx")
+            slow.append(sock)
+        client = httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=1.0)
+        started = time.monotonic()
+        reply = client.post(f"{url}/v1/fleet/pull-messages", content=b"ordinary")
+        elapsed = time.monotonic() - started
+    finally:
+        for sock in slow:
+            sock.close()
+    assert reply.status_code == 200 and elapsed < 1.0
+    assert [s["body"] for s in fake.seen] == [b"ordinary"]
+
+
+def test_a_connection_whose_headers_do_not_arrive_is_closed(gate, monkeypatch):
+    from simulations.cli import fleet_gate
+
+    monkeypatch.setattr(fleet_gate, "HEADER_TIMEOUT_S", 0.5)
+    url, ca, fake = gate
+    with _tls_socket(url, ca) as sock:
+        sock.sendall(b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        sock.settimeout(10)
+        assert sock.recv(100) == b""  # closed by the gate, well before the 10 s here
+    assert fake.seen == []
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_the_limit_is_refused_at_the_gate_and_never_reaches_the_superlink(tmp_path, chunked):
+    with gate_and_superlink(tmp_path, max_body=1000) as (url, ca, fake):
+        client = httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=30)
+        body = os.urandom(5000)
+        content = iter([body[:2500], body[2500:]]) if chunked else body
+        assert client.post(f"{url}/v1/fleet/push-object", content=content).status_code == 413
+        assert fake.seen == []
+        assert client.post(f"{url}/v1/fleet/push-object", content=body[:1000]).status_code == 200
+        assert [s["body"] for s in fake.seen] == [body[:1000]]
+
+
+def test_the_body_limit_follows_the_model():
+    from shared.config import load_config
+    from simulations.cli.fleet_gate import ARRAY_CHUNK_BYTES, body_limit
+
+    small, big = load_config(None, []), load_config(None, ["model.width=16"])
+    assert body_limit(small) == 2 * (ARRAY_CHUNK_BYTES + 2**20)  # the default cnn on digits is under one chunk
+    assert body_limit(big) > body_limit(small)

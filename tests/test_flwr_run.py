@@ -1,9 +1,9 @@
-"""README "Running with `flwr run` directly": the plain Flower command runs the app to its end.
+"""docs/deployment.md "Running with `flwr run` directly": the plain Flower command runs the app to its end.
 
 What a new user types, with the tiny config: `flwr run . --stream --run-config ... --federation-config ...`
-with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (as README says). FLWR_HOME and the local
+with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (as docs/deployment.md says). FLWR_HOME and the local
 SuperLink's ports are the test's own; the detached SuperLink that `flwr run` leaves behind is
-found by its FLWR_HOME and stopped afterwards, as README tells users to.
+found by its FLWR_HOME and stopped afterwards, as docs/deployment.md tells users to.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_readme_flwr_run_command_finishes_the_run(tmp_path):
             stop_tree(proc)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert superlinks, "flwr run left no local SuperLink behind (README says it does; update README)"
+    assert superlinks, "flwr run left no local SuperLink behind (docs/deployment.md says it does; update it)"
     assert not local_superlinks(flwr_home)
     assert "[fedtiny] round 2/2" in output and "[fedtiny] done: accuracy=" in output, output[-3000:]
     summary = json.loads((out / "metrics.json").read_text())["summary"]

@@ -89,3 +89,43 @@ def test_resume_takes_operational_overrides_and_records_them(crashed):
     assert (config.fl.round_timeout, config.simulation.num_cpus, config.resume) == (99.0, 3, True)
     _resume(crashed, "fl.round_timeout=99")
     assert "round_timeout: 99.0" in (crashed / "config.yaml").read_text()
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_before_the_run_goes_on(crashed):
+    import torch
+
+    from shared import codec
+
+    tensors, masks = codec.load(crashed / "checkpoint-2.ftc")
+    name = next(n for n, t in tensors.items() if t.is_floating_point())
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    codec.save(crashed / "checkpoint-2.ftc", tensors, masks)
+    before = (crashed / "metrics.json").read_text()
+    with pytest.raises(BadCheckpoint, match=f"{name} holds non-finite values"):
+        _resume(crashed)
+    assert (crashed / "metrics.json").read_text() == before
+
+
+def _with_round(crashed, **fields):
+    state = json.loads((crashed / "checkpoint.json").read_text())
+    return [*state["rounds"][:-1], {**state["rounds"][-1], **fields}]
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda c: {"rounds": [1, 2, 3]}, "its round record 0 is not a round record"),
+    (lambda c: {"rounds": _with_round(c, clients="ten")}, "has clients='ten', not a int"),
+    (lambda c: {"rounds": _with_round(c, density=[0.5])}, r"has density=\[0.5\], not a float"),
+    (lambda c: {"rounds": _with_round(c, density=float("nan"))}, "records density nan, not in"),
+    (lambda c: {"rounds": _with_round(c, surprise=1)}, "is not a round record"),
+    (lambda c: {"totals": {"bytes_up": "x"}}, "its totals are not non-negative counts"),
+    (lambda c: {"totals": [1, 2]}, "its totals are not non-negative counts"),
+    (lambda c: {"layer_version": ["features.0.weight"]}, "its mask versions are not counts"),
+    (lambda c: {"layer_version": {"features.0.weight": "abc"}}, "mask version of 'features.0.weight' is 'abc'"),
+    (lambda c: {"layer_version": {"nowhere": 1}}, "mask version of 'nowhere'"),
+    (lambda c: {"version": None}, "its mask versions are not counts"),
+])
+def test_a_checkpoint_with_wrong_types_is_one_line_not_a_type_error(crashed, edit, why):
+    _edit_checkpoint(crashed, **edit(crashed))
+    with pytest.raises(BadCheckpoint, match=why) as err:
+        _resume(crashed)
+    assert "\n" not in str(err.value)

@@ -117,7 +117,7 @@ def test_whole_run_is_deterministic_and_writes_outputs(tmp_path):
         out = run(FakeGrid(config), config)
         metrics = json.loads((out / "metrics.json").read_text())
         results.append((metrics["summary"]["accuracy"], codec.load(out / "model.ftc")[1]))
-        outputs = ("metrics.csv", "config.yaml", "model-spec.json", "accuracy.png", "density.png", "bytes.png")
+        outputs = ("metrics.csv", "config.yaml", "model-spec.json", "accuracy.png", "bytes.png")
         for f in (*outputs, "layer_density.png"):
             assert (out / f).exists(), f
     assert results[0][0] == results[1][0]

@@ -12,6 +12,7 @@ from server.recorder import Recorder
 from shared.config import ConfigError
 from simulations import provenance
 from simulations.cli import main, suite, suite_page
+from simulations.cli.common import EXIT_INTERRUPTED
 from simulations.cli.compare import Cell
 from simulations.inprocess import run_in_process
 
@@ -130,8 +131,8 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint(tmp_path, root, monkeyp
         add(self, record)
 
     monkeypatch.setattr(Recorder, "add", interrupt_at_round_2)
-    with pytest.raises(KeyboardInterrupt):
-        main(["compare", "--suite", str(path)])
+    assert main(["compare", "--suite", str(path)]) == EXIT_INTERRUPTED
+    assert f"continue the suite (finished cells are skipped) with: fedtiny compare --suite {path}" in capsys.readouterr().err
     assert suite.read_cell(paths.cell(cell)) is None  # not finished: no record
     first = json.loads((paths.work / cell.name / suite.START_FILE).read_text())
     monkeypatch.setattr(Recorder, "add", add)

@@ -33,7 +33,7 @@ Sparse top-k payload (`encode_sparse`)::
 A payload may be wrapped as ``b"FTZ" | version u8 | raw length u64 | zlib stream`` (`deflate`)
 when that is smaller.
 
-Decoding is bounded by what the receiver expects. Every decode entry point (`decode`,
+Decoding is bounded by what the receiver expects. Every decode entry point (`decode`, `decode_entry`,
 `decode_sparse`, `decode_variants`, `decode_mask`, `load`, `inflate`) takes that expectation
 (`expected`: names, shapes and dtypes, e.g. `expect(global_state)`; or a `max_elements` budget)
 and checks each entry's header against it before allocating, and a deflated payload inflates no
@@ -50,8 +50,8 @@ bounds-checked reader, `DecodeError`), `expect` (what a receiver expects, the de
 from __future__ import annotations
 
 from shared.codec.binary import MAGIC, MAX_NDIM, SPARSE_MAGIC, VERSION, DecodeError
-from shared.codec.compression import DEFLATE_MAGIC, MAX_INFLATED, deflate, inflate
-from shared.codec.dense import MAX_MASKED_NUMEL, decode, encode
+from shared.codec.compression import DEFLATE_MAGIC, DEFLATE_MAX_RATIO, MAX_INFLATED, deflate, inflate
+from shared.codec.dense import MAX_MASKED_NUMEL, decode, decode_entry, encode
 from shared.codec.expect import FLOAT_DTYPES, MAX_ELEMENTS, Expected, expect
 from shared.codec.files import load, save
 from shared.codec.masks import MaskEncoding, decode_mask, encode_mask
@@ -64,6 +64,7 @@ from shared.codec.masks import _gaps  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "DEFLATE_MAGIC",
+    "DEFLATE_MAX_RATIO",
     "FLOAT_DTYPES",
     "MAGIC",
     "MAX_ELEMENTS",
@@ -76,6 +77,7 @@ __all__ = [
     "Expected",
     "MaskEncoding",
     "decode",
+    "decode_entry",
     "decode_mask",
     "decode_sparse",
     "decode_variants",

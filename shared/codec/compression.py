@@ -9,6 +9,9 @@ from shared.codec.binary import VERSION, DecodeError, decode_errors
 
 DEFLATE_MAGIC = b"FTZ"
 MAX_INFLATED = 2**31
+DEFLATE_MAX_RATIO = 1032
+"""Deflate cannot expand a stream further than about 1032:1 (258-byte matches coded in 2 bits), so a
+payload that claims more than this many raw bytes per stream byte is refused before it is inflated."""
 
 _DEFLATE_HEADER = struct.Struct("<3sBQ")
 
@@ -44,6 +47,9 @@ def inflate(data: bytes, max_bytes: int | None = None, limit: int | None = None)
                 limit if limit is not None else MAX_INFLATED)
     if size > bound:
         raise DecodeError(f"compressed payload claims {size} bytes, over the limit of {bound}")
+    stream = len(data) - _DEFLATE_HEADER.size
+    if size > DEFLATE_MAX_RATIO * stream + 64:
+        raise DecodeError(f"compressed payload claims {size} bytes from a {stream}-byte stream, more than deflate produces")
     if size == 0:  # zlib reads max_length=0 as "no limit"; `deflate` never wraps an empty payload
         raise DecodeError("compressed payload claims 0 bytes")
     inflater = zlib.decompressobj()

@@ -209,6 +209,7 @@ def decode(
     *,
     expected: Expected | None = None,
     max_elements: int | None = None,
+    at_most: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Inverse of `encode`: (tensors, masks of the masked tensors); masked-off values are 0.
 
@@ -217,8 +218,9 @@ def decode(
 
     What may be decoded is bounded before it is allocated: with `expected` (name -> (shape,
     dtype or dtypes), see `expect`) each entry must be one of those names, shapes and dtypes
-    (fewer entries are allowed; the caller checks completeness), and a deflated payload may not
-    inflate past what that layout takes; without it, all entries together hold at most
+    (fewer entries are allowed; the caller checks completeness; `at_most`: shapes no larger in any
+    dimension), and a deflated payload may not inflate past what that layout takes; without it,
+    all entries together hold at most
     `max_elements` (default `MAX_ELEMENTS`). Any malformed, truncated, unexpected or oversize
     (`len(data) > max_bytes`) input raises `DecodeError`, and nothing else.
     """
@@ -226,7 +228,7 @@ def decode(
         raise DecodeError(f"decode expects bytes, got {type(data).__name__}")
     if max_bytes is not None and len(data) > max_bytes:
         raise DecodeError(f"payload of {len(data)} bytes is over max_bytes={max_bytes}")
-    budget = Budget(expected, max_elements)
+    budget = Budget(expected, max_elements, at_most)
     reader = _Reader(inflate(bytes(data), max_bytes, limit=budget.raw_bytes()))
     count = _read_header(reader, MAGIC, None, min_entry=2 + 3 + 1 + 8)
     budget.entries(count)
@@ -242,3 +244,31 @@ def decode(
     if reader.remaining:
         raise DecodeError(f"{reader.remaining} unexpected bytes after the last entry")
     return tensors, out_masks
+
+
+def _skip_entry(reader: _Reader, name: str) -> None:
+    """Step over one entry by its header; nothing of it is decoded or allocated."""
+    reader.take(2, f"{name!r} dtypes")
+    reader.shape(name)
+    flags = reader.unpack(_U8, f"{name!r} flags")
+    if flags & _FLAG_MASK_INCLUDED:
+        reader.unpack(_U32, f"{name!r} mask length")
+    reader.take(reader.unpack(_U64, f"{name!r} payload length"), f"{name!r} payload")
+
+
+@decode_errors
+def decode_entry(data: bytes, name: str, max_elements: int) -> torch.Tensor:
+    """The entry `name` of a payload, of at most `max_elements`, every other entry stepped over by
+    its header: for a small entry that says what layout the rest must have (a packed model's
+    `__meta__`), read before the rest is decoded with that layout."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise DecodeError(f"decode_entry expects bytes, got {type(data).__name__}")
+    reader = _Reader(inflate(bytes(data), limit=Budget().raw_bytes()))
+    seen: set[str] = set()
+    for _ in range(_read_header(reader, MAGIC, None, min_entry=2 + 3 + 1 + 8)):
+        entry = reader.name()
+        _check_name(entry, seen)
+        if entry == name:
+            return _decode_entry(reader, None, name, {}, Budget(max_elements=max_elements))[0]
+        _skip_entry(reader, entry)
+    raise DecodeError(f"payload has no entry {name!r}")

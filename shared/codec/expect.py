@@ -48,10 +48,12 @@ class Budget:
 
     With `expected`, every entry must be one of its names with exactly its shape and one of its
     dtypes (entries may be fewer: the caller checks completeness, e.g. a download without BN
-    statistics). Without it, the elements of all entries together stay within `max_elements`.
+    statistics); with `at_most`, each dimension may also be smaller (a compacted model). Without
+    it, the elements of all entries together stay within `max_elements`.
     """
 
-    def __init__(self, expected: Expected | None = None, max_elements: int | None = None) -> None:
+    def __init__(self, expected: Expected | None = None, max_elements: int | None = None, at_most: bool = False) -> None:
+        self.at_most = at_most
         self.expected = None
         if expected is not None:
             self.expected = {n: (tuple(int(d) for d in shape), _allowed(dt)) for n, (shape, dt) in expected.items()}
@@ -70,8 +72,9 @@ class Budget:
                 known = ", ".join(sorted(self.expected)[:3])
                 raise DecodeError(f"unexpected entry {name[:60]!r} (expected names such as {known})")
             want, dtypes = self.expected[name]
-            if shape != want:
-                raise DecodeError(f"entry {name!r} claims shape {shape}, expected {want}")
+            fits = len(shape) == len(want) and all(d <= w for d, w in zip(shape, want)) if self.at_most else shape == want
+            if not fits:
+                raise DecodeError(f"entry {name!r} claims shape {shape}, expected {'at most ' if self.at_most else ''}{want}")
             if dtypes is not None and _DTYPES[code][0] not in dtypes:
                 allowed = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
                 raise DecodeError(f"entry {name!r} is {_DTYPES[code][0]}, expected {allowed}")

@@ -45,6 +45,7 @@ def load(
     *,
     expected: Expected | None = None,
     max_elements: int | None = None,
+    at_most: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Read a file written by `save`: (tensors, masks), bounded like `decode`.
 
@@ -56,6 +57,6 @@ def load(
             raise DecodeError(f"{path}: {os.fstat(f.fileno()).st_size} bytes, over max_bytes={max_bytes}")
         data = f.read()
     try:
-        return decode(data, max_bytes=max_bytes, expected=expected, max_elements=max_elements)
+        return decode(data, max_bytes=max_bytes, expected=expected, max_elements=max_elements, at_most=at_most)
     except DecodeError as exc:
         raise DecodeError(f"{path}: {exc}") from None

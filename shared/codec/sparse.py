@@ -23,6 +23,7 @@ from shared.codec.binary import (
     _Reader,
     decode_errors,
 )
+from shared.codec.expect import MAX_ELEMENTS
 
 
 def encode_sparse(parts: Mapping[str, tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]]) -> bytes:
@@ -56,7 +57,8 @@ def decode_sparse(
 
     With `expected` (name -> dense shape), every entry must be one of those names with that shape
     (fewer entries are allowed), checked before its indices are read, so a receiver that scatters
-    the entries into dense tensors allocates no more than it expected. Each entry holds at most as
+    the entries into dense tensors allocates no more than it expected; without it, each shape holds
+    at most `MAX_ELEMENTS` elements. Each entry holds at most as
     many indices as its shape has elements. Indices out of range or repeated, unexpected names or
     shapes, and any malformed input raise `DecodeError`, and nothing else.
     """
@@ -82,6 +84,8 @@ def decode_sparse(
         if k * (width + 4) > reader.remaining:
             raise DecodeError(f"sparse {name!r} claims {k} entries but only {reader.remaining} bytes remain")
         numel = math.prod(shape)
+        if expected is None and numel > MAX_ELEMENTS:  # also keeps every index below 2**63 (no int64 wrap)
+            raise DecodeError(f"sparse {name!r} claims shape {shape}: more than {MAX_ELEMENTS} elements")
         if k > numel:
             raise DecodeError(f"sparse {name!r} claims {k} entries for a tensor of {numel} elements")
         idx = np.frombuffer(reader.take(k * width, f"{name!r} indices"), dtype="<u4" if width == 4 else "<u8")

@@ -135,6 +135,7 @@ def export(output_dir: str | os.PathLike, fmt: str | None, out: str | os.PathLik
     before = channel_count(model)
     if compact_model:
         model, masks = compact(model, spec, masks)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # `--out m/model.h` makes m/, as a user expects
     if fmt == "packed":
         size = save_packed(out, model, spec, masks, compact=compact_model, float16=float16, metadata=info)
     elif fmt == "onnx":

@@ -263,13 +263,19 @@ def read_header_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
 def build(header: str | os.PathLike, workdir: str | os.PathLike) -> Path:
     """Compile `fedtiny_main.c` + the runtime with `header` into `workdir`/fedtiny_infer; returns the binary.
 
-    Uses $CC or cc; a missing compiler or a failed build is one ValueError line.
+    A header is code, so only one that `c_reader.check_header` finds to be exactly what this module
+    writes, with in-bounds arrays, is compiled, from the checked copy in `workdir`. Uses $CC or cc;
+    a refused header, a missing compiler or a failed build is one ValueError line.
     """
+    from shared.export.c_reader import check_header
+
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise ValueError(f"no C compiler {cc!r} on PATH (set CC)")
     binary = Path(workdir) / "fedtiny_infer"
-    header = Path(header).resolve()
+    text = check_header(header)
+    header = Path(workdir).resolve() / "model.h"
+    header.write_text(text)
     command = [cc, "-O2", "-std=c99", "-Wall", "-Werror", f"-I{RUNTIME_DIR}", f'-DFEDTINY_MODEL_HEADER="{header}"',
                str(RUNTIME_DIR / MAIN_FILE), str(RUNTIME_DIR / "fedtiny_infer.c"), "-lm", "-o", str(binary)]
     done = subprocess.run(command, capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """Folding eval-mode batch norm into the conv or linear layer before it.
 
 Why: a tiny model's BN statistics cost four dense values per channel, which at 1% density
-outweigh the kept weights (see README "Export to the edge"). Folded, a channel keeps one bias.
+outweigh the kept weights (docs/export.md). Folded, a channel keeps one bias.
 Folding scales each output channel's row of weights by gamma / sqrt(var + eps), so a pruned
 (zero) weight stays zero and the masks are unchanged.
 """

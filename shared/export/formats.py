@@ -14,7 +14,7 @@ from torch import nn
 from shared import codec
 from shared.export import metadata as meta
 from shared.export.folding import fold_batchnorm, fold_state  # noqa: F401  fold_batchnorm: public via here
-from shared.export.spec import META_KEY, ModelSpec, packed_header, rebuild
+from shared.export.spec import MAX_META_BYTES, META_KEY, ModelSpec, packed_header, rebuild
 
 FORMATS = ("packed", "onnx", "torchscript", "c")
 SUFFIXES = {".ftc": "packed", ".onnx": "onnx", ".pt": "torchscript", ".h": "c"}
@@ -53,17 +53,46 @@ def save_packed(path: str | os.PathLike, model: nn.Module, spec: ModelSpec, mask
     return codec.save(path, state, dict(masks or {}), dtype=torch.float16 if float16 else torch.float32)
 
 
+def _read(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(codec.MAX_INFLATED + 1)
+
+
+def _packed_header(data: bytes, path: str | os.PathLike) -> dict[str, Any]:
+    """The `__meta__` entry of a packed file, read (bounded) before anything else in it."""
+    try:
+        return packed_header(codec.decode_entry(data, META_KEY, MAX_META_BYTES))
+    except codec.DecodeError as exc:
+        raise ValueError(f"{path}: not a model written by `fedtiny export` ({exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def _packed_entries(path: str | os.PathLike) -> tuple[dict, dict, dict[str, Any]]:
-    tensors, masks = codec.load(path)
-    if META_KEY not in tensors:
-        raise ValueError(f"{path} is a codec file without {META_KEY!r}: not a model written by `fedtiny export`")
-    return tensors, masks, packed_header(tensors.pop(META_KEY))
+    """(tensors, masks, header) of a packed file: its `__meta__` first, then the rest decoded only to the
+    layout of the architecture that header names (`ModelSpec.packed_layout`)."""
+    data = _read(path)
+    header = _packed_header(data, path)
+    try:
+        layout = ModelSpec.from_header(header).packed_layout()
+    except ValueError as exc:
+        raise ValueError(f"{path}: {str(exc).splitlines()[0]}") from None
+    try:
+        tensors, masks = codec.decode(data, expected=layout, at_most=True)
+    except codec.DecodeError as exc:
+        raise codec.DecodeError(f"{path}: {exc}") from None
+    tensors.pop(META_KEY, None)
+    return tensors, masks, header
 
 
 def load_packed(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model of a packed file (eval mode); needs torch, numpy and `shared` only. Reads v1 and v2."""
     tensors, masks, header = _packed_entries(path)
-    return rebuild(ModelSpec.from_header(header), tensors, masks, folded=header.get("folded", ()))
+    try:
+        return rebuild(ModelSpec.from_header(header), tensors, masks, folded=header.get("folded", ()))
+    except (RuntimeError, AttributeError, KeyError, IndexError, TypeError) as exc:  # a state that is not the model's
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: its tensors do not rebuild a {header['model']} ({first[:200]})") from None
 
 
 def save_onnx(path: str | os.PathLike, model: nn.Module, input_shape: tuple[int, ...],
@@ -111,7 +140,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
     fmt = detect_format(path)
     where = str(path)
     if fmt == "packed":
-        header = _packed_entries(path)[2]
+        header = _packed_header(_read(path), path)
         if header.get("metadata"):
             return meta.from_json(meta.to_json(header["metadata"]), where)
         return {k: header[k] for k in ("model", "width", "num_classes", "input_shape", "compact")}

@@ -28,10 +28,11 @@ DATA_KEYS = ("dataset", "seed", "test_fraction")
 
 
 def run_data(output_dir: str | os.PathLike) -> dict[str, Any]:
-    """Dataset name, path, seed, test_fraction and trusted packages from a run's `rundir.CONFIG`.
+    """Dataset name, path, seed and test_fraction from a run's `rundir.CONFIG`.
 
     Read as plain YAML (no validation), so an older run's config still gives its data settings.
-    An empty dict when the run has no config file.
+    An empty dict when the run has no config file. Its `trusted` list is not read: a folder does
+    not choose what code its reader trusts (`shared.saved_config`).
     """
     path = Path(output_dir) / rundir.CONFIG
     if not path.is_file():
@@ -45,7 +46,6 @@ def run_data(output_dir: str | os.PathLike) -> dict[str, Any]:
         "dataset_path": dataset.get("path", ""),
         "seed": config.get("seed"),
         "test_fraction": dataset.get("test_fraction"),
-        "trusted": list(config.get("trusted") or []),
     }
 
 
@@ -63,7 +63,7 @@ def normalization(output_dir: str | os.PathLike, spec_file: Mapping[str, Any] | 
     data = run_data(output_dir)
     from shared.data import load_dataset
 
-    bundle = load_dataset(data["dataset"], data["dataset_path"], data["seed"], data["test_fraction"], data["trusted"])
+    bundle = load_dataset(data["dataset"], data["dataset_path"], data["seed"], data["test_fraction"])
     uint8 = str(bundle.x_train.dtype) == "uint8"
     return {
         "input_dtype": "uint8" if uint8 else "float32",

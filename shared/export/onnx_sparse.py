@@ -5,7 +5,7 @@ the dense one. Here each mostly-zero float initializer W becomes two initializer
 values (float32) and the gaps between their flat positions (uint16), plus five nodes that rebuild
 W once: ConstantOfShape (zeros) -> ScatterElements at CumSum(Cast(gaps)) -> Reshape (`W.v` and
 `W.g` name the two initializers; W keeps its name, so the nodes reading it are unchanged). The nodes read
-initializers only, so onnxruntime constant-folds them when the session is created; inference runs
+initializers only, so onnxruntime constant-folds them when it loads the model; inference runs
 the same dense graph as before. A gap over 65,535 is bridged by explicit zero entries.
 
 (ONNX's own `sparse_initializer` needs int64 indices, 8 bytes per kept weight; this needs 2.)

@@ -10,6 +10,7 @@ apply, ``x = (pixels / divide_by - mean[c]) / std[c]`` per channel c, exactly wh
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from shared import codec, rundir
-from shared.export.folding import drop_modules
+from shared.export.folding import drop_modules, fold_state
 from shared.models import build_model
 
 if TYPE_CHECKING:
@@ -36,6 +37,10 @@ PACKED_VERSIONS_READ = (1, 2)
 """v2 (BN folded, `folded` names the removed BNs, `metadata` as in `shared.export.metadata`); v1 still loads."""
 SPEC_FORMAT = "fedtiny-model-spec"
 SPEC_VERSION = 1
+MAX_META_BYTES = 2**20  # a packed file's `__meta__` JSON (a real one is about 1 kB)
+MAX_CLASSES = 100_000
+MAX_SIDE = 4096  # input channels, height and width
+MAX_WIDTH = 16.0  # as config's model.width
 
 # ----------------------------------------------------------------------------- architecture spec
 
@@ -49,8 +54,36 @@ class ModelSpec:
     input_shape: tuple[int, int, int]
     width: float
 
+    def __post_init__(self) -> None:
+        """Files carry these sizes, so they are bounded before anything is built from them."""
+        shape, width = self.input_shape, self.width
+        if not 0 < len(self.model) <= 200:
+            raise ValueError(f"model name of {len(self.model)} characters")
+        if not 1 <= self.num_classes <= MAX_CLASSES:
+            raise ValueError(f"num_classes {self.num_classes} is not in [1, {MAX_CLASSES}]")
+        if len(shape) != 3 or not all(1 <= d <= MAX_SIDE for d in shape):
+            raise ValueError(f"input_shape {shape[:4]} is not (C, H, W) with each in [1, {MAX_SIDE}]")
+        if not (math.isfinite(width) and 0 < width <= MAX_WIDTH):
+            raise ValueError(f"width {width} is not in (0, {MAX_WIDTH}]")
+
     def build(self) -> nn.Module:
+        """The architecture, once its size (counted on the meta device, nothing allocated) fits the
+        decode budget `codec.MAX_ELEMENTS`."""
+        with torch.device("meta"):
+            size = sum(t.numel() for t in build_model(self.model, self.num_classes, self.input_shape, self.width)
+                       .state_dict().values())
+        if size > codec.MAX_ELEMENTS:
+            raise ValueError(f"model {self.model} of width {self.width:g} for {self.num_classes} classes and inputs "
+                             f"{self.input_shape} has {size} elements, over {codec.MAX_ELEMENTS}")
         return build_model(self.model, self.num_classes, self.input_shape, self.width)
+
+    def packed_layout(self) -> codec.Expected:
+        """What a packed file of this architecture may hold, for `codec.decode(at_most=True)`: its
+        tensors unfolded and BN-folded (biases added), each no larger (compaction only removes channels),
+        and the `__meta__` entry."""
+        model = self.build().eval()
+        layout = {**codec.expect(model.state_dict()), **codec.expect(fold_state(model)[0])}
+        return {**layout, META_KEY: ((MAX_META_BYTES,), torch.uint8)}
 
     def to_tensor(self, compact: bool, folded: tuple[str, ...] | list[str] = (),
                   metadata: Mapping[str, Any] | None = None) -> torch.Tensor:
@@ -75,8 +108,12 @@ def packed_header(t: torch.Tensor) -> dict[str, Any]:
         meta = json.loads(bytes(t.to(torch.uint8).tolist()).decode("utf-8"))
         version = (meta.get("format"), meta.get("version"))
         ModelSpec.from_header(meta)
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError,
+            OverflowError) as exc:
         raise ValueError(f"packed file has a corrupt {META_KEY} entry ({type(exc).__name__}: {exc})") from None
+    folded = meta.get("folded", [])
+    if not (isinstance(folded, list) and all(isinstance(n, str) for n in folded)):
+        raise ValueError(f"packed file has a corrupt {META_KEY} entry (folded is not a list of layer names)")
     if version[0] != PACKED_FORMAT or version[1] not in PACKED_VERSIONS_READ:
         raise ValueError(
             f"packed file is {version[0]} v{version[1]}; this build reads {PACKED_FORMAT} "
@@ -134,18 +171,16 @@ def _model_spec(spec: Mapping[str, Any], path: Path) -> ModelSpec:
     try:
         return ModelSpec(str(spec["model"]), int(spec["num_classes"]),
                          tuple(int(s) for s in spec["input_shape"]), float(spec["width"]))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from None
 
 
 def _spec_from_dataset(out: Path) -> ModelSpec:
     """Runs written before `rundir.MODEL_SPEC` existed: the class count and image shape from the dataset."""
-    from omegaconf import OmegaConf
-
-    from shared.config import from_mapping
     from shared.data import load_dataset
+    from shared.saved_config import load_saved
 
-    config = from_mapping(OmegaConf.to_container(OmegaConf.load(out / rundir.CONFIG), resolve=True))
+    config = load_saved(out)  # the folder's own trusted list is not honoured
     d = config.dataset
     bundle = load_dataset(d.name, d.path, config.seed, d.test_fraction)
     return ModelSpec(config.model.name, bundle.num_classes, bundle.input_shape, float(config.model.width))

@@ -264,9 +264,7 @@ class FedTiny(Method):
         """Install the exact pooled BN statistics of the final model (ABNS steps 2-3 on one candidate).
 
         Each client's running statistics are an average over an epoch in which its weights moved,
-        and their FedAvg mean lacks the between-client variance of non-IID data. Measured (README,
-        FedTiny's regime): +0.2 to +1.1 points (held-out and test) on two tuning runs whose averaged
-        statistics were far off, -0.60 to +0.30 (mean -0.02) on the grid's ten test runs. The central
+        and their FedAvg mean lacks the between-client variance of non-IID data. The central
         accuracy before the recalibration is kept in the summary (`final_bn.accuracy_before`).
         """
         before = ctx.evaluate_central(gm.state)

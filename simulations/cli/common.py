@@ -5,17 +5,20 @@ Subcommand modules import this, never `simulations.cli.main`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
+from shared import rundir
 from shared.config import Config, ConfigError
-from shared.rundir import default_output_dir
+from shared.units import human_bytes
 
 EXIT_CONFIG = 2  # a configuration or flag error (one line on stderr)
 EXIT_RUN_FAILED = 1  # the run itself failed
+EXIT_INTERRUPTED = 130  # the shell's code for a command ended by SIGINT (Ctrl-C; SIGTERM is handled alike)
 
 
 def with_output_dir(config: Config, suffix: str = "") -> tuple[Config, Path]:
@@ -23,7 +26,7 @@ def with_output_dir(config: Config, suffix: str = "") -> tuple[Config, Path]:
     if config.output_dir:
         out = Path(config.output_dir).expanduser().resolve()
     else:
-        out = default_output_dir(f"{config.method}{suffix}")
+        out = rundir.default_output_dir(f"{config.method}{suffix}")
     return replace(config, output_dir=str(out)), out
 
 
@@ -43,7 +46,10 @@ def preflight(config: Config) -> None:
 def check_output_dir(config: Config) -> None:
     """The run's output folder must be creatable and writable (it is where the run resumes from)."""
     path = with_output_dir(config)[1]
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise ConfigError(f"config key 'output_dir': {path} cannot be a folder here ({exc.strerror}); choose another output_dir") from None
     if not existing.is_dir():
         raise ConfigError(f"config key 'output_dir': {existing} is a file, so {path} cannot be a folder; choose another output_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -89,15 +95,51 @@ def check_dense_budget(config: Config, model) -> None:
         )
 
 
+def finished(run_dir: Path) -> dict | None:
+    """The run's metrics when it finished (a summary with an accuracy), else None."""
+    path = run_dir / rundir.METRICS
+    if not path.exists():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return metrics if "accuracy" in metrics.get("summary", {}) else None
+
+
+def status(text: str) -> None:
+    """A line on stdout saying what the command is doing now (stderr keeps only errors, one line each)."""
+    print(f"fedtiny: {text}", flush=True)
+
+
 def print_summary(metrics: dict, out: Path, total_seconds: float | None = None) -> None:
-    """The one line a finished run prints: wall_seconds is the run itself (metrics.json, the bar's
-    time), total_seconds the whole command, Flower's and Ray's start-up and shutdown included."""
+    """Where a finished run's results are and what they say, then the one key=value line scripts read:
+    wall_seconds is the run itself (metrics.json, the bar's time), total_seconds the whole command,
+    Flower's and Ray's start-up and shutdown included."""
     s = metrics["summary"]
+    federated = s.get("federated_accuracy")
+    dense = s.get("dense_bytes_up", 0) + s.get("dense_bytes_down", 0)
+    lines = [
+        f"outputs      {out}",
+        f"accuracy     {100 * s['accuracy']:.2f}% central test"
+        + ("" if federated is None else f", {100 * federated:.2f}% federated (clients' held-out data)"),
+        f"density      {s['density']:.4f} of the prunable weights",
+        f"bytes        {s['bytes_ratio']:.4f} of dense FedAvg ({human_bytes(s.get('bytes_up', 0) + s.get('bytes_down', 0))}"
+        f" against {human_bytes(dense)}, both ways)",
+    ]
+    if s.get("selected"):
+        lines.append(f"policy       {s['selected']} (selected by the pruning policy search)")
+    plots = sorted(p.name for p in out.glob("*.png"))
+    if plots:
+        lines.append(f"plots        {', '.join(plots)}")
+    if any(out.glob("events.out.tfevents*")):
+        lines.append(f"TensorBoard  tensorboard --logdir {out}")
     total = "" if total_seconds is None else f" total_seconds={total_seconds:.1f}"
-    print(
+    lines.append(
         f"accuracy={s['accuracy']:.4f} density={s['density']:.4f} bytes_ratio={s['bytes_ratio']:.4f} "
         f"wall_seconds={s['wall_seconds']:.1f}{total} outputs={out}"
     )
+    print("\n".join(lines), flush=True)
 
 
 def fail(message: object) -> int:

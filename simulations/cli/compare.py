@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass
@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from shared import rundir
-from shared.methods import METHODS
 from shared.config import Config, ConfigError, load_config
 from simulations.cli import paired
-from simulations.cli.common import EXIT_RUN_FAILED, preflight
+from simulations.cli.compare_plots import plot
+from simulations.cli.commands import METHODS, help_for
+from simulations.cli.common import EXIT_INTERRUPTED, EXIT_RUN_FAILED, finished, preflight
 
 # Ablations of FedTiny, selectable as method names in a comparison.
 ALIASES: dict[str, list[str]] = {
@@ -52,16 +53,18 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.method}-d{self.density:g}-s{self.seed}"
+        return rundir.safe_name(f"{self.method}-d{self.density:g}-s{self.seed}")
 
 
 def method_overrides(name: str, flag: str = "--methods") -> list[str]:
     """Config overrides that select `name` (a method or a FedTiny ablation alias), given by `flag`."""
+    from shared.methods import METHODS as REGISTRY
+
     if name in ALIASES:
         return list(ALIASES[name])
-    if name in METHODS or ":" in name:  # a registered method, or package.module:Class (trusted)
+    if name in REGISTRY or ":" in name:  # a registered method, or package.module:Class (trusted)
         return [f"method={name}"]
-    raise ConfigError(f"unknown method {name!r} in {flag}; known: {', '.join([*METHODS.names(), *ALIASES])}")
+    raise ConfigError(f"unknown method {name!r} in {flag}; known: {', '.join([*REGISTRY.names(), *ALIASES])}")
 
 
 def grid(methods: Sequence[str], densities: Sequence[float], seeds: Sequence[int]) -> list[Cell]:
@@ -88,18 +91,6 @@ def cell_config(cell: Cell, out: Path, config_file: str | None, overrides: Seque
         *overrides, *method_overrides(cell.method), f"pruning.density={cell.density}",
         f"seed={cell.seed}", f"output_dir={out / cell.name}", *resume,
     ])
-
-
-def finished(run_dir: Path) -> dict | None:
-    """The run's metrics when it finished (summary with an accuracy), else None."""
-    path = run_dir / rundir.METRICS
-    if not path.exists():
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return metrics if "accuracy" in metrics.get("summary", {}) else None
 
 
 def run_grid(
@@ -242,88 +233,6 @@ def _kib(x: float) -> str:
     return f"{x / 1024:.1f} KiB" if math.isfinite(x) else "n/a"
 
 
-def plot(results: dict[Cell, dict], out: Path) -> list[Path]:
-    """accuracy_vs_density.png, accuracy_vs_round.png (one panel per density), accuracy_vs_bytes.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [row(c, m) for c, m in results.items()]
-    summary = summarize(rows)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    densities = sorted({c.density for c in results if c.method != DENSE})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        pts = [s for s in summary if s["method"] == m]
-        if m == DENSE:
-            for s in pts:
-                ax.axhline(s["accuracy"], color=colors[m], linestyle="--", label=f"{m} (dense)")
-            continue
-        pts.sort(key=lambda s: s["density"])
-        ax.errorbar([s["density"] for s in pts], [s["accuracy"] for s in pts], yerr=[s["accuracy_std"] for s in pts],
-                    marker="o", capsize=3, color=colors[m], label=m)
-    ax.set_xscale("log")
-    ax.set_xlabel("density (fraction of prunable weights kept)")
-    ax.set_ylabel("final test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out / rundir.COMPARISON_PLOTS["density"], plt))
-
-    panels = densities or [1.0]
-    for x_of, xlabel, log_x, name in (
-        (lambda rounds, total: rounds, "round", False, rundir.COMPARISON_PLOTS["round"]),
-        (lambda rounds, total: total, "cumulative payload bytes (up + down)", True, rundir.COMPARISON_PLOTS["bytes"]),
-    ):
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-        for ax, d in zip(axes[0], panels):
-            for m in methods:
-                curves = [_curve(metrics) for c, metrics in results.items() if c.method == m and (c.density == d or m == DENSE)]
-                if not curves:
-                    continue
-                rounds, acc, total = _mean_curve(curves)
-                if len(rounds) == 1:  # not federated (the centralized ceiling): one final figure, a line
-                    ax.axhline(acc[0], color=colors[m], linestyle=":", label=f"{m} (ceiling)")
-                else:  # on the log bytes axis only rounds that sent bytes (dense FedAvg's round 0 sends none)
-                    x, y = zip(*[(x, a) for x, a in zip(x_of(rounds, total), acc) if x > 0 or not log_x])
-                    ax.plot(x, y, color=colors[m], label=m, linestyle="--" if m == DENSE else "-")
-            if log_x:
-                ax.set_xscale("log")
-            ax.set_title(f"density {d:g}")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy (mean over seeds)")
-            ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        paths.append(_save(fig, out / name, plt))
-    return paths
-
-
-def _curve(metrics: dict) -> tuple[list[int], list[float], list[float]]:
-    """(round, accuracy, cumulative bytes) of the evaluated rounds (fl.eval_every skips some)."""
-    total, points = 0, []
-    for r in metrics.get("rounds", []):
-        total += r["bytes_up"] + r["bytes_down"]
-        if r["accuracy"] is not None:
-            points.append((r["round"], r["accuracy"], total))
-    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
-
-
-def _mean_curve(curves):
-    n = min(len(c[0]) for c in curves)
-    mean = lambda i: [statistics.fmean(c[i][k] for c in curves) for k in range(n)]  # noqa: E731
-    return curves[0][0][:n], mean(1), mean(2)
-
-
-def _save(fig, path: Path, plt) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def write_outputs(results: dict[Cell, dict], out: Path, focus: str = FOCUS) -> list[Path]:
     """comparison.csv, comparison.md and the plots for the finished cells."""
     out.mkdir(parents=True, exist_ok=True)
@@ -333,11 +242,12 @@ def write_outputs(results: dict[Cell, dict], out: Path, focus: str = FOCUS) -> l
     not_baselines = [DENSE, CEILING, *ablations]
     pairs = paired.markdown(paired.paired_differences(rows, focus, not_baselines), focus)
     searches = search_table(results)
+    summary = summarize(rows)
     (out / rundir.COMPARISON_MD).write_text(
-        markdown(summarize(rows))
+        markdown(summary)
         + (f"\n{focus} minus each federated baseline, seed by seed (accuracy points; a seed's runs share its data, partitions and starting model):\n\n{pairs}" if pairs else "")
         + (f"\nFedTiny's policy search (held-out loss on the search clients):\n\n{searches}" if searches else ""))
-    return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, out)]
+    return [out / rundir.COMPARISON_CSV, out / rundir.COMPARISON_MD, *plot(results, summary, out, DENSE)]
 
 
 def _list(text: str, cast, flag: str) -> list:
@@ -373,9 +283,14 @@ def _compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"no finished cell of this grid in {out}; run it without --report-only first")
     for cell in cells:  # each cell's density against the dense first layer, before the first run
         preflight(cell_config(cell, out, args.config, overrides))
-    results, failures = run_grid(
-        cells, out, args.config, overrides, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False)
-    )
+    try:
+        results, failures = run_grid(
+            cells, out, args.config, overrides, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False)
+        )
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process of the running cell is stopped by now
+        print(f"\nfedtiny: interrupted; continue the grid (finished cells are skipped) with: "
+              f"{shlex.join(['fedtiny', *args.argv])}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if results:
         for path in write_outputs(results, out, args.focus):
             print(f"wrote {path}")
@@ -388,9 +303,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the `compare` subcommand to the `fedtiny` parser."""
     from simulations.cli import suite
 
-    cmp = subparsers.add_parser("compare", help="run methods x densities x seeds and write a comparison table and plots")
+    cmp = subparsers.add_parser("compare", help=help_for("compare"))
     cmp.add_argument("--methods",
-                     help=f"comma-separated: {','.join([*METHODS.names(), *ALIASES])} (or package.module:Class)")
+                     help=f"comma-separated: {','.join([*METHODS, *ALIASES])} (or package.module:Class)")
     cmp.add_argument("--densities", help=f"comma-separated target densities (default {DEFAULT_DENSITIES}; fedavg runs dense once per seed)")
     cmp.add_argument("--seeds", help="comma-separated seeds (default 0)")
     cmp.add_argument("--config", help="YAML file merged onto configs/default.yaml")

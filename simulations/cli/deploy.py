@@ -36,6 +36,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shared import rundir
 from shared.config import Config, ConfigError, load_config
+from simulations.cli.commands import help_for
 from simulations.cli.common import fail, preflight, print_summary, with_output_dir
 from simulations.cli.launch import (
     PROJECT_ROOT,
@@ -271,15 +272,18 @@ def deploy_local(
         given.check()
     run_dir = out / rundir.DEPLOY_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # keys, certificates, the SuperLink's state and the CLI's connection: this user's only
     tls = given or make_tls(run_dir / "certs", (host, "localhost"))
     address = f"{host}:{port}"  # what the SuperNodes dial: the fleet gate
     run_config = out / rundir.RUN_CONFIG
     write_run_config(config, run_config)
     (out / rundir.METRICS).unlink(missing_ok=True)  # success is judged by this run's metrics.json only
 
+    from simulations.cli.fleet_gate import body_limit
+
     with _stop_on_sigterm(), ExitStack() as stack:
         cli_env = stack.enter_context(running_superlink(run_dir, tls, host, superlink_port))
-        stack.enter_context(running_gate(run_dir, tls, (host, port), f"{host}:{superlink_port}"))
+        stack.enter_context(running_gate(run_dir, tls, (host, port), f"{host}:{superlink_port}", body_limit(config)))
         for i in range(nodes):
             key = make_node_key(run_dir / "keys", f"node-{i}")
             register_node(cli_env, key, f"node-{i}")
@@ -303,12 +307,15 @@ def running_superlink(run_dir: Path, tls: TlsFiles, host: str, port: int) -> Ite
 
 
 @contextmanager
-def running_gate(run_dir: Path, tls: TlsFiles, listen: tuple[str, int], superlink: str) -> Iterator[subprocess.Popen]:
-    """`fedtiny fleet-gate` on `listen`, forwarding only the Fleet API to `superlink`; log in `run_dir/fleet-gate.log`."""
+def running_gate(run_dir: Path, tls: TlsFiles, listen: tuple[str, int], superlink: str,
+                 max_body: int | None = None) -> Iterator[subprocess.Popen]:
+    """`fedtiny fleet-gate` on `listen`, forwarding only the Fleet API (bodies up to `max_body` bytes, else
+    the gate's default) to `superlink`; log in `run_dir/fleet-gate.log`."""
     log_file = run_dir / GATE_LOG
     cmd = [
         sys.executable, "-m", "simulations.cli", "fleet-gate", "--listen", f"{listen[0]}:{listen[1]}",
         "--superlink", superlink, "--certs", str(tls.ca_cert.parent),
+        *(["--max-body-bytes", str(max_body)] if max_body else []),
     ]
     with process(cmd, flower_env(run_dir / "fleet-gate", listen[1]), log_file) as gate:
         try:
@@ -365,10 +372,7 @@ def _deploy_local(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `deploy-local` to the `fedtiny` command line."""
-    p = subparsers.add_parser(
-        "deploy-local",
-        help="run a federated job on a local SuperLink and N SuperNodes with TLS and node authentication",
-    )
+    p = subparsers.add_parser("deploy-local", help=help_for("deploy-local"))
     p.add_argument("--nodes", type=int, required=True, help="number of SuperNodes; sets fl.num_clients (one partition each)")
     p.add_argument("--config", help="YAML file merged onto configs/default.yaml")
     p.add_argument("--port", type=int, help="node-facing port on 127.0.0.1, the fleet gate's (default: a free one)")

@@ -14,6 +14,7 @@ from typing import Any
 
 from shared import rundir
 from shared.config import ConfigError
+from simulations.cli.commands import help_for
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -51,7 +52,8 @@ def _agreed(records: dict[str, dict[str, Any]], key: str, hint: str) -> Any:
 
 
 def data_settings(args: argparse.Namespace, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """dataset, path, seed, test_fraction and trusted packages for `infer`: flags over recorded values."""
+    """dataset, path, seed, test_fraction and trusted packages for `infer`: flags over recorded values
+    (trusted packages come from `--trust` flags alone)."""
     if args.dataset is not None:
         for path, r in records.items():
             if r.get("dataset") not in (None, args.dataset):
@@ -66,7 +68,7 @@ def data_settings(args: argparse.Namespace, records: dict[str, dict[str, Any]]) 
         records, "test_fraction", "pass --test-fraction to choose")
     path = args.dataset_path if args.dataset_path is not None else _agreed(
         records, "dataset_path", "pass --dataset-path to choose")
-    trusted = sorted({t for r in records.values() for t in r.get("trusted") or ()})
+    trusted = list(args.trust or ())  # from the command line only, never from a run folder or file
     return {"dataset": dataset, "path": path or "", "seed": 0 if seed is None else int(seed),
             "test_fraction": 0.2 if fraction is None else float(fraction), "trusted": trusted}
 
@@ -115,7 +117,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add the `export` and `infer` subcommands to the `fedtiny` parser (torch is imported only when they run)."""
-    ex = subparsers.add_parser("export", help="export a finished run's model (packed, onnx, torchscript, c)")
+    ex = subparsers.add_parser("export", help=help_for("export"))
     ex.add_argument("output_dir", help=f"output directory of a finished run ({rundir.CONFIG}, {rundir.MODEL})")
     ex.add_argument("--format", default=None, help="packed | onnx | torchscript | c (default: from the --out suffix)")
     ex.add_argument("--compact", action="store_true", help="remove channels and neurons that cannot change the logits")
@@ -123,7 +125,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--out", required=True, help="file to write: .ftc (packed), .onnx, .pt (torchscript), .h (c)")
     ex.set_defaults(func=_export)
 
-    inf = subparsers.add_parser("infer", help="accuracy and CPU latency of exported models on a test split")
+    inf = subparsers.add_parser("infer", help=help_for("infer"))
     inf.add_argument("models", nargs="+", metavar="RUN_DIR|MODEL",
                      help="run directories or exported files, timed in one process")
     inf.add_argument("--dataset", default=None, help="dataset name (default: what the models record)")
@@ -132,6 +134,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     inf.add_argument("--seed", type=int, default=None, help="split seed (default: the recorded one, else 0)")
     inf.add_argument("--test-fraction", type=float, default=None,
                      help="dataset.test_fraction (default: the recorded one, else 0.2)")
+    inf.add_argument("--trust", action="append", metavar="PACKAGE",
+                     help="trust this package's code for a package.module:loader --dataset (repeatable); "
+                          "a run folder's own trusted list is never used")
     inf.add_argument("--batch-size", type=int, default=64)
     inf.add_argument("--repeats", type=int, default=20, help="timed batches for the median latency")
     inf.set_defaults(func=_infer)

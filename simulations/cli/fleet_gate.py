@@ -10,11 +10,21 @@ public-key, timestamp and signature headers among them) and body pass unchanged,
 streamed back; hop-by-hop headers (RFC 9110, 7.6.1) are the only ones dropped. Anything else gets
 404 and one log line. The gate serves TLS with the SuperLink's own server certificate and verifies
 the SuperLink's certificate with `ca.crt`.
+
+Nothing unauthenticated may hold the SuperLink or the gate: a request's headers must arrive within
+`HEADER_TIMEOUT_S` of its connection, its whole body within `BODY_TIMEOUT_S`, and a body over
+`--max-body-bytes` (derived from the model by `deploy-local`, `body_limit`) is refused with 413
+before anything reaches the SuperLink. Bodies are read at the gate before a connection to the
+SuperLink is taken, and replies are read whole before they are sent on, so slow senders or readers
+hold only their own connection, never one of the pool of `UPSTREAM_CONNECTIONS` to the SuperLink;
+a request that finds that pool busy for `POOL_TIMEOUT_S` gets 503. At most `MAX_CONNECTIONS` are
+served at once (503 beyond).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import logging
 import re
@@ -25,9 +35,11 @@ import httpx
 import uvicorn
 from cryptography import x509
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.responses import PlainTextResponse, Response
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from shared.config import ConfigError
+from simulations.cli.commands import help_for
 from simulations.cli.deploy import TlsFiles, check_port, tls_files
 
 LOG = logging.getLogger("fedtiny.fleet_gate")
@@ -36,7 +48,25 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
     b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
-CONNECT_TIMEOUT_S = 10.0  # to the SuperLink; reads have none (the SuperNode's own client times out)
+CONNECT_TIMEOUT_S = 10.0  # to the SuperLink
+UPSTREAM_TIMEOUT_S = 60.0  # the SuperLink's answer to one Fleet request
+POOL_TIMEOUT_S = 5.0  # waiting for one of the UPSTREAM_CONNECTIONS
+UPSTREAM_CONNECTIONS = 100
+HEADER_TIMEOUT_S = 10.0  # from a connection to its request's headers
+BODY_TIMEOUT_S = 60.0  # from the headers to the last byte of the body
+MAX_CONNECTIONS = 1000
+MAX_BODY_BYTES = 64 * 2**20  # default of --max-body-bytes
+ARRAY_CHUNK_BYTES = 5 * 2**20  # Flower sends arrays in chunks of at most this (FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
+
+
+def body_limit(config) -> int:
+    """The largest Fleet request body a run of `config` sends, with room to spare: an object holds at
+    most one array chunk, or one codec payload (an update, scores) no larger than the dense float32 model."""
+    from shared.data import load_for
+    from shared.models import model_for
+
+    dense = 4 * sum(t.numel() for t in model_for(config, load_for(config)).state_dict().values())
+    return 2 * (max(dense, ARRAY_CHUNK_BYTES) + 2**20)
 
 
 def is_fleet_path(raw_path: bytes) -> bool:
@@ -93,10 +123,14 @@ def _forwarded(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 class FleetGate:
     """ASGI app forwarding Fleet API requests to `upstream` (`host:port` of a TLS SuperLink)."""
 
-    def __init__(self, upstream: str, ca_cert: Path) -> None:
+    def __init__(self, upstream: str, ca_cert: Path, max_body: int = MAX_BODY_BYTES) -> None:
         self.upstream = upstream
+        self.max_body = max_body
         verify = ssl.create_default_context(cafile=str(ca_cert))
-        self.client = httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT_S))
+        self.client = httpx.AsyncClient(
+            verify=verify, timeout=httpx.Timeout(UPSTREAM_TIMEOUT_S, connect=CONNECT_TIMEOUT_S, pool=POOL_TIMEOUT_S),
+            limits=httpx.Limits(max_connections=UPSTREAM_CONNECTIONS, max_keepalive_connections=UPSTREAM_CONNECTIONS),
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -116,44 +150,85 @@ class FleetGate:
         response = await self._forward(Request(scope, receive), raw_path, client)
         await response(scope, receive, send)
 
+    async def _body(self, request: Request, client: str) -> bytes | Response:
+        """The whole request body, read here before the SuperLink is involved; 413 over `max_body`,
+        408 when it does not arrive within `BODY_TIMEOUT_S`."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            LOG.warning("refused a %s-byte body from %s (over --max-body-bytes=%d)", declared, client, self.max_body)
+            return PlainTextResponse("request body too large\n", 413)
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > self.max_body:
+                        LOG.warning("refused a body over %d bytes from %s", self.max_body, client)
+                        return PlainTextResponse("request body too large\n", 413)
+                    chunks.append(chunk)
+        except TimeoutError:
+            LOG.warning("dropped %s: its body did not arrive within %gs", client, BODY_TIMEOUT_S)
+            return PlainTextResponse("request body timeout\n", 408)
+        return b"".join(chunks)
+
     async def _forward(self, request: Request, raw_path: bytes, client: str):
-        headers = request.headers.raw
-        has_body = any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in headers)
+        body = await self._body(request, client)
+        if isinstance(body, Response):
+            return body
         query = request.scope.get("query_string", b"")
         url = httpx.URL(f"https://{self.upstream}").copy_with(raw_path=raw_path + (b"?" + query if query else b""))
-        upstream_request = httpx.Request(
-            request.method, url, headers=_forwarded(headers), content=request.stream() if has_body else b"",
-        )
+        headers = [(k, v) for k, v in _forwarded(request.headers.raw) if k.lower() != b"content-length"]
         try:
-            reply = await self.client.send(upstream_request, stream=True)
+            reply = await self.client.send(self.client.build_request(request.method, url, headers=headers, content=body),
+                                           stream=True)
+            try:
+                content = b"".join([chunk async for chunk in reply.aiter_raw()])  # as it came: no decoding
+            finally:
+                await reply.aclose()
+        except httpx.PoolTimeout:
+            LOG.error("all %d connections to the SuperLink busy for %s from %s", UPSTREAM_CONNECTIONS, raw_path.decode(), client)
+            return PlainTextResponse("service unavailable: the SuperLink is busy\n", 503)
         except httpx.HTTPError as exc:
             LOG.error("SuperLink %s unreachable for %s %s from %s: %s", self.upstream, request.method, raw_path.decode(), client, exc)
             return PlainTextResponse("bad gateway: the SuperLink did not answer\n", 502)
-        response = StreamingResponse(_raw_body(reply), status_code=reply.status_code)
-        response.raw_headers = _forwarded(reply.headers.raw)
+        response = Response(content, status_code=reply.status_code)
+        response.raw_headers = [(k, v) for k, v in _forwarded(reply.headers.raw) if k.lower() != b"content-length"]
+        response.raw_headers.append((b"content-length", str(len(content)).encode()))
         return response
 
 
-async def _raw_body(reply: httpx.Response):
-    """The upstream body as it came (no decoding), closing the upstream response also on a disconnect."""
-    try:
-        async for chunk in reply.aiter_raw():
-            yield chunk
-    finally:
-        await reply.aclose()
+class _GateProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a header timeout: a connection whose first request's headers
+    have not arrived `HEADER_TIMEOUT_S` after it opened is closed (uvicorn has none of its own)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def _headers_late(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            LOG.warning("closed %s: no request headers within %gs", "%s:%s" % tuple(self.client or ("?", "?")), HEADER_TIMEOUT_S)
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
 
 
-def server(listen: tuple[str, int], upstream: str, tls: TlsFiles) -> uvicorn.Server:
+def server(listen: tuple[str, int], upstream: str, tls: TlsFiles, max_body: int = MAX_BODY_BYTES) -> uvicorn.Server:
     """A uvicorn server for the gate (call `.run()`; set `.should_exit` to stop it)."""
     config = uvicorn.Config(
-        FleetGate(upstream, tls.ca_cert), host=listen[0], port=listen[1],
-        ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key),
+        FleetGate(upstream, tls.ca_cert, max_body), host=listen[0], port=listen[1],
+        ssl_certfile=str(tls.server_cert), ssl_keyfile=str(tls.server_key), http=_GateProtocol,
+        limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5,
         server_header=False, date_header=False, access_log=False, log_level="warning", lifespan="on", ws="none",
     )
     return uvicorn.Server(config)
 
 
 def _fleet_gate(args: argparse.Namespace) -> int:
+    if args.max_body_bytes < 1:
+        raise ConfigError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
     listen = parse_address(args.listen, "--listen")
     upstream_host, upstream_port = parse_address(args.superlink, "--superlink")
     tls = tls_files(Path(args.certs).expanduser().resolve())
@@ -165,7 +240,7 @@ def _fleet_gate(args: argparse.Namespace) -> int:
     upstream = f"[{upstream_host}]:{upstream_port}" if ":" in upstream_host else f"{upstream_host}:{upstream_port}"
     LOG.info("Fleet API gate on %s:%d -> https://%s (everything else refused)", *listen, upstream)
     try:
-        server(listen, upstream, tls).run()
+        server(listen, upstream, tls, args.max_body_bytes).run()
     except KeyboardInterrupt:
         pass
     return 0
@@ -173,11 +248,10 @@ def _fleet_gate(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add `fleet-gate` to the `fedtiny` command line."""
-    p = subparsers.add_parser(
-        "fleet-gate",
-        help="TLS proxy that exposes only a SuperLink's Fleet API to SuperNodes (Control and Runtime stay on 127.0.0.1)",
-    )
+    p = subparsers.add_parser("fleet-gate", help=help_for("fleet-gate"))
     p.add_argument("--listen", required=True, help="HOST:PORT the SuperNodes dial, e.g. 0.0.0.0:9092")
     p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink, e.g. 127.0.0.1:9091")
     p.add_argument("--certs", required=True, help="folder with ca.crt, server.crt, server.key (the SuperLink's)")
+    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                   help=f"largest request body forwarded; larger ones get 413 at the gate (default {MAX_BODY_BYTES})")
     p.set_defaults(func=_fleet_gate)

@@ -172,9 +172,10 @@ def follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool,
     bar = None
     try:
         for line in proc.stdout:
+            line = _strip_ansi(line)  # Flower colours its log lines; run.log is read in editors and grep
             log.write(line)
             log.flush()
-            text = _strip_ansi(line).rstrip()
+            text = line.rstrip()
             if PROGRESS_PREFIX not in text:
                 continue
             text = text[text.index(PROGRESS_PREFIX):]
@@ -195,4 +196,5 @@ def follow(proc: subprocess.Popen, log, rounds: int, progress: bool, echo: bool,
 
 
 def _strip_ansi(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+    """`text` without terminal escape sequences (colours, cursor moves)."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)

@@ -16,8 +16,6 @@ import math
 import statistics
 from typing import Sequence
 
-from scipy import stats
-
 CONFIDENCE = 0.95
 
 
@@ -26,6 +24,8 @@ def interval(diffs: Sequence[float]) -> tuple[float, float] | None:
     if len(diffs) < 2:
         return None
     mean, sem = statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    from scipy import stats  # here, not at import: `fedtiny compare --help` answers at once
+
     half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(diffs) - 1)) * sem
     return mean - half, mean + half
 

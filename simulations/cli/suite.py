@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -27,11 +28,10 @@ from typing import Callable, Sequence
 
 import yaml
 
-from server import checkpoint
 from shared.config import Config, ConfigError
 from simulations import provenance
 from simulations.cli import compare, suite_page
-from simulations.cli.common import EXIT_RUN_FAILED, preflight
+from simulations.cli.common import EXIT_INTERRUPTED, EXIT_RUN_FAILED, preflight
 from simulations.cli.compare import Cell
 
 SUITES_DIR = provenance.PROJECT_ROOT / "simulations" / "suites"
@@ -183,6 +183,8 @@ def configs(suite: Suite, paths: Paths, cells: Sequence[Cell]) -> dict[Cell, Con
 
 def run_cell(cell: Cell, config: Config, paths: Paths, simulate: Callable[[Config, Path], dict], jobs: int) -> dict:
     """Run (or continue) one cell and write its record; returns the record."""
+    from server import checkpoint  # torch: only when a cell runs, so `compare --help` stays quick
+
     run_dir = paths.work / cell.name
     record = {**provenance.start(config, jobs=jobs), "attempts": 1}
     first = _json(run_dir / START_FILE)
@@ -304,8 +306,13 @@ def command(args: argparse.Namespace) -> int:
     for config in todo.values():  # each cell's data, partition and density, before the first run
         preflight(config)
     print(f"suite {suite.name}: {len(cells) - len(todo)} of {len(cells)} cells finished; running {len(todo)}")
-    failures = run(suite, paths, todo, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False),
-                   args.jobs)
+    try:
+        failures = run(suite, paths, todo, lambda config, run_dir: simulate(config, run_dir, progress=False, echo=False),
+                       args.jobs)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every process of the running cells is stopped by now
+        print(f"\nfedtiny: interrupted; continue the suite (finished cells are skipped) with: "
+              f"{shlex.join(['fedtiny', *args.argv])}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     final = finished(suite, paths)
     if final:  # also when nothing ran, so the page always matches the cells
         print(f"wrote {suite_page.write(suite, paths, final)}")

@@ -29,7 +29,7 @@ DEFAULTS = "configs/default.yaml"  # what every config is merged onto (shared.co
 def write(suite: Suite, paths: Paths, results: dict[Cell, dict]) -> Path:
     """Write the plots and the page (atomically) for `results`, the suite's finished cells in suite order."""
     paths.plots.mkdir(parents=True, exist_ok=True)
-    compare.plot(results, paths.plots)
+    compare.plot(results, compare.summarize([compare.row(c, m) for c, m in results.items()]), paths.plots, compare.DENSE)
     tmp = paths.page.with_suffix(".md.tmp")
     tmp.write_text(render(suite, paths, results))
     os.replace(tmp, paths.page)
