@@ -96,11 +96,16 @@ def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors 
     (per coordinate), or a trusted `package.module:fn`. Integer buffers take the maximum; with masks,
     pruned positions stay exactly zero.
 
-    Why trimmed by default: norm clipping bounds an update's length, not its direction, and one client
+    Why robust by default: norm clipping bounds an update's length, not its direction, and one client
     in ten that pushes every weight the same way ruins the model in three rounds even when clipped
     (measured: the `huge` attack of the drill). Clipping its values to the honest range per coordinate
-    (winsorizing) still biases every weight towards the honest maximum, which ruined it as well; left
-    out per coordinate, with the honest extreme on the other side, the mean stays unbiased."""
+    (winsorizing) still biases every weight towards the honest maximum, which ruined it as well.
+    Why the median (`fl.aggregator`'s default) rather than the trimmed mean: with 2 attackers among
+    20 clients, a round of 10 sometimes holds both, and a trimmed mean that leaves out one per side
+    keeps the second one's step, weighted by its count; in the drill's default job (seed 0), an
+    update sign-flipped and stretched to just under the clip threshold (x -9.9) took the trimmed
+    mean to 27.5 % accuracy (95.0 % with 2 left out per side) and the median to 96.4 % (honest:
+    97.8 % trimmed, 97.5 % median). The median ignores counts, so no claimed count moves it."""
     if not states:
         raise ValueError("nothing to aggregate")
     fn = AGGREGATORS.get(aggregator, trusted)

@@ -70,12 +70,12 @@ class FLConfig:
     sampling_seed: int = -1
     # Robust aggregation (shared.aggregate): each update's distance from the global model is clipped to
     # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
-    # the round (0: off); aggregator trimmed-mean (per coordinate the extreme clients left out, the rest
-    # sample-weighted) | mean (FedAvg) | median (coordinate-wise).
+    # the round (0: off); aggregator median (coordinate-wise) | trimmed-mean (per coordinate the extreme
+    # clients left out, the rest sample-weighted) | mean (FedAvg).
     clip_multiple: float = 10.0
     reject_multiple: float = 100.0  # an update farther than this multiple of the round's median distance is rejected
     max_weight_share: float = 0.25
-    aggregator: str = "trimmed-mean"
+    aggregator: str = "median"
     trim_fraction: float = 0.1  # trimmed-mean: the fraction of clients left out at each end per coordinate (at least 1)
 
 
