@@ -11,7 +11,11 @@ partitions reply with well-formed poison, each kind one of the attacks the serve
 - ``topk``: FedTiny's top-k gradients 3e38 at positions of the attacker's choosing (to decide growth);
 - ``feddst``: FedDST mask changes dropping every kept weight and growing others at 1e30;
 - ``evaluate``: accuracy 1e9 and loss 0 in evaluations (to fake federated accuracy);
-- ``search``: ABNS candidate losses 0 for the first candidate and 1e30 for the others (to pick it).
+- ``search``: ABNS candidate losses 0 for the first candidate and 1e30 for the others (to pick it);
+- ``flip``, ``flip-clip``, ``flip-reject``: the update sign-flipped (its step from the download x -1),
+  then stretched to just under `fl.clip_multiple` (x -9.9) or `fl.reject_multiple` (x -99) times its
+  own length (an honest client's length is about the round's median), every count it reports (hello
+  included) the largest finite float, 1.8e308, to outweigh everyone (`INFLATED`).
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from shared import codec, protocol as p
-from shared.batchnorm import RUNNING_VAR
+from shared.batchnorm import RUNNING_VAR, running_stat_names
 from shared.config import ATTACKS, Config
 
 __all__ = ["ATTACKS", "attackers", "poison"]
 
 HUGE = 1e30
 TOPK_MAX = 3e38  # near float32's largest
+COUNT = 1.7976931348623157e308  # the largest finite float: a count that is finite and integral
+INFLATED = {"flip": -1.0, "flip-clip": -9.9, "flip-reject": -99.0}  # kind -> factor of the update's step
 
 
 def attackers(config: Config) -> set[int]:
@@ -47,6 +53,8 @@ def poison(kind: str, message_type: str, request: RecordDict, reply: RecordDict,
     global masks it holds, for re-encoding a training update)."""
     metrics = dict(reply[p.METRICS]) if p.METRICS in reply else {}
     payload = dict(reply[p.PAYLOAD]) if p.PAYLOAD in reply else {}
+    if kind in INFLATED:
+        metrics.update({k: COUNT for k in (p.NUM_EXAMPLES, p.HOLDOUT_EXAMPLES) if k in metrics})
     if message_type == p.TRAIN:
         payload, metrics = _train(kind, request, payload, metrics, masks)
     elif message_type == p.EVALUATE and kind == "evaluate":
@@ -64,10 +72,11 @@ def poison(kind: str, message_type: str, request: RecordDict, reply: RecordDict,
 
 
 def _train(kind: str, request: RecordDict, payload: dict, metrics: dict, masks: dict) -> tuple[dict, dict]:
-    if kind in ("scale", "huge", "bn-variance"):
+    if kind in ("scale", "huge", "bn-variance", *INFLATED):
         sent, _ = codec.decode(request[p.PAYLOAD][p.MODEL], masks=masks)
         update, _ = codec.decode(payload[p.UPDATE], masks=masks, base=sent)
-        payload[p.UPDATE] = codec.encode(_poisoned(kind, update, masks), masks or None, send_masks=False, base=sent)
+        poisoned = _flipped(INFLATED[kind], sent, update) if kind in INFLATED else _poisoned(kind, update, masks)
+        payload[p.UPDATE] = codec.encode(poisoned, masks or None, send_masks=False, base=sent)
         if kind == "scale":
             metrics[p.NUM_EXAMPLES] = 1e9
     elif kind == "topk" and p.TOPK in payload:
@@ -98,6 +107,14 @@ def _poisoned(kind: str, update: dict, masks: dict) -> dict:
         if n in masks:
             out[n] = out[n] * masks[n]
     return out
+
+
+def _flipped(factor: float, sent: dict, update: dict) -> dict:
+    """The update's step from the download times `factor`, for the weights it trained (BN running
+    statistics stay honest: a negative variance would be rejected outright)."""
+    running = set(running_stat_names(update))
+    return {n: sent[n] + factor * (v - sent[n]) if v.is_floating_point() and n not in running and n in sent else v
+            for n, v in update.items()}
 
 
 def _chosen(mask: torch.Tensor, k: int, shape: tuple) -> tuple:

@@ -75,8 +75,9 @@ class RunState:
         return [b for b in ([n for n in block if n in keep] for block in prunable_blocks(model)) if b]
 
     def weights(self, replies: list[Reply]) -> list[float]:
-        """The replies' sample weights, none above `fl.max_weight_share` of them (when set)."""
-        return cap_weights([r.num_examples for r in replies], self.config.fl.max_weight_share)
+        """The replies' bounded counts (`Reply.weight`) as weights summing to 1, none above
+        `fl.max_weight_share` of them (`shared.aggregate.cap_weights`)."""
+        return cap_weights([r.weight for r in replies], self.config.fl.max_weight_share)
 
     def draws(self, stream: Draw, *key: int) -> np.random.Generator:
         """The generator of one draw of clients: stream `stream` at `key` (usually the round)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -23,6 +24,9 @@ from shared.methods.api import Reply
 
 log = logging.getLogger("fedtiny")
 MAX_RETRIES = 3
+# What a node's count may weigh, in multiples of the fleet's median claim (`Fleet.admit`): digits'
+# Dirichlet(0.5) partitions of 3 to 100 clients span up to 2.4 x the median, so honest nodes are untouched.
+COUNT_CAP_MULTIPLE = 4
 REGISTRATION_TIMEOUT_S = 600.0
 PROGRESS_EVERY_S = 30.0
 
@@ -72,6 +76,7 @@ class Fleet:
         self.traffic = Traffic()
         self.partition_of: dict[int, int] = {}
         self.examples_of: dict[int, tuple[int, int]] = {}  # node -> (train, held-out) examples it holds
+        self.caps: dict[int, tuple[int, int]] = {}  # node -> what its (train, held-out) counts may weigh
         self.nodes: list[int] = []  # node ids in partition order: sampling is reproducible by seed
 
     def register(self, sizes: Callable[[], list[tuple[int, int]]] | None = None) -> None:
@@ -81,7 +86,7 @@ class Fleet:
         partition i in every message, so a fleet of thousands needs no registration round; `sizes()`
         gives each partition's (train, held-out) example counts, the bound on what a node may report.
         Otherwise each node's hello says it (checked by `server.replies.check_hello`; a bad hello
-        leaves that node out, logged).
+        leaves that node out, logged), and `admit` registers the others.
         """
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         next_note = time.monotonic() + PROGRESS_EVERY_S
@@ -101,18 +106,54 @@ class Fleet:
             return
         # Not a round: the first message also starts every client (cold start), so it gets the
         # registration timeout rather than fl.round_timeout.
-        replies = self.exchange({n: RecordDict() for n in nodes}, p.HELLO, max(self.timeout, REGISTRATION_TIMEOUT_S))
-        for r in replies:
+        claims = {}
+        for r in self.exchange({n: RecordDict() for n in nodes}, p.HELLO, max(self.timeout, REGISTRATION_TIMEOUT_S)):
             hello, reason = check_hello(r, self.num_clients)
             if reason is not None:
                 self.reject(r.node_id, p.HELLO, reason)
-            elif hello[0] in self.partition_of.values():
-                self.reject(r.node_id, p.HELLO, f"partition {hello[0]} is already registered by another node")
             else:
-                self.partition_of[r.node_id] = hello[0]
-                self.examples_of[r.node_id] = hello[1:]
-        self.nodes = sorted(self.partition_of, key=self.partition_of.__getitem__)
+                claims[r.node_id] = hello
+        self.admit(claims)
         log.info("registered %d nodes", len(self.nodes))
+
+    def admit(self, claims: dict[int, tuple[int, int, int]]) -> None:
+        """Register every node's checked hello (partition, train examples, held-out examples).
+
+        A partition id is what a node says of itself, not its identity (its Flower node id is, which
+        a deployment authenticates by the node's key). So a partition claimed by several nodes keeps
+        them all, logged: excluding the later claimants (or all of them) would let one node that
+        copies another's id shut the honest one out of the whole run. Each claimant is sampled as a
+        client of its own, in (partition, node id) order, and weighs no more than the fleet allows.
+
+        The counts a node claims bound what its replies may report; what they weigh is bounded
+        by the fleet (`weight_cap`): at most `COUNT_CAP_MULTIPLE` times the median claim of all
+        nodes, so a node claiming 10^9 examples weighs no more than a few typical nodes.
+        """
+        by_partition: dict[int, list[int]] = {}
+        for node, (part, train, holdout) in sorted(claims.items()):
+            by_partition.setdefault(part, []).append(node)
+            self.partition_of[node] = part
+            self.examples_of[node] = (train, holdout)
+        for part, owners in by_partition.items():
+            if len(owners) > 1:
+                log.warning("partition %d is claimed by nodes %s: all are kept, each as a client of its own", part, owners)
+        self.nodes = sorted(self.partition_of, key=lambda n: (self.partition_of[n], n))
+        if claims:
+            medians = [statistics.median_low(sizes) for sizes in zip(*self.examples_of.values())]
+            caps = tuple(COUNT_CAP_MULTIPLE * m for m in medians)
+            for node, sizes in self.examples_of.items():
+                self.caps[node] = tuple(min(s, c) for s, c in zip(sizes, caps))
+                if self.caps[node] != sizes:
+                    self._log(node, p.HELLO, f"claims {sizes} (train, held-out) examples, more than {COUNT_CAP_MULTIPLE} "
+                                             f"x the fleet's median {tuple(medians)}: it weighs as {self.caps[node]}")
+
+    def weight_cap(self, node: int, message_type: str) -> int | None:
+        """The most a count of `node` may weigh for a message type (None: what it holds, as with
+        virtual partitions, whose sizes the server knows)."""
+        caps = self.caps.get(node)
+        if caps is None:
+            return None
+        return caps[0] if message_type in (p.TRAIN, p.SCORES) else caps[1]
 
     def sample(self, k: int, rng: np.random.Generator, exclude: set[int] = frozenset()) -> list[int]:
         pool = [n for n in self.nodes if n not in exclude]
@@ -187,6 +228,7 @@ class Fleet:
         for reply in replies:
             metrics = reply.content[p.METRICS] if p.METRICS in reply.content else {}
             _, reason = check_count(metrics.get(p.NUM_EXAMPLES), self.holds(reply.node_id, message_type))
+            reply.weight_cap = self.weight_cap(reply.node_id, message_type)
             if reason is None:
                 reply.decoded, reason = check(reply)
             if reason is None:

@@ -17,6 +17,7 @@ from server.recorder import RoundRecord
 from server.replies import check_evaluate
 from server.services import RunContext
 from shared import protocol as p
+from shared.aggregate import normalised
 from shared.draws import Draw
 from shared.global_model import GlobalModel
 from shared.methods import Method, Reply
@@ -48,11 +49,11 @@ def evaluated(t: int, rounds: int, every: int) -> bool:
 
 
 def train_loss(replies: list[Reply]) -> float | None:
-    """The clients' mean local training loss, weighted by their examples (None: no finite loss reported)."""
+    """The clients' mean local training loss, weighted by their bounded counts (None: no finite loss reported)."""
     pairs = []
     for r in replies:
         try:
-            pairs.append((float(r.content[p.METRICS][p.LOSS]), r.num_examples))
+            pairs.append((float(r.content[p.METRICS][p.LOSS]), r.weight))
         except (KeyError, TypeError, ValueError):  # a metric is only a metric: never fail the round over it
             continue
     pairs = [(loss, n) for loss, n in pairs if np.isfinite(loss) and n > 0]
@@ -79,15 +80,21 @@ def record_round(
 
 
 def federated_evaluation(ctx: RunContext, gm: GlobalModel) -> dict[str, float]:
-    """Evaluate the final model on sampled clients' held-out splits (sample-weighted)."""
+    """Evaluate the final model on sampled clients' held-out splits (`federated_metrics`)."""
     build = lambda n: RecordDict({p.PAYLOAD: ConfigRecord({p.MODEL: gm.payload_for(n)})})  # noqa: E731
     sampled, got = ctx.fleet.round(
         ctx.config.fl.clients_per_round, p.EVALUATE, build, ctx.draws(Draw.EVALUATE, ctx.config.fl.rounds), check_evaluate
     )
     ctx.dense_traffic(len(sampled), 0, gm.dense_bytes())
-    n = sum(r.num_examples for r in got)
+    return federated_metrics(got)
+
+
+def federated_metrics(got: list[Reply]) -> dict[str, float]:
+    """Accepted evaluation replies' (loss, accuracy), weighted by their bounded counts (`Reply.weight`:
+    a node claiming 10^9 examples weighs no more than the fleet allows it)."""
+    w = normalised([r.weight for r in got])
     return {
-        "federated_accuracy": sum(r.decoded[1] * r.num_examples for r in got) / n,
-        "federated_loss": sum(r.decoded[0] * r.num_examples for r in got) / n,
+        "federated_accuracy": sum(r.decoded[1] * x for r, x in zip(got, w)),
+        "federated_loss": sum(r.decoded[0] * x for r, x in zip(got, w)),
         "federated_clients": len(got),
     }

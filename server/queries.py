@@ -29,7 +29,7 @@ Tensors = dict[str, torch.Tensor]
 
 def client_scores(ctx: RunState, model: torch.nn.Module, score: str, clients: int, batches: int) -> Tensors:
     """A data-driven score computed by `clients` sampled clients on `batches` local batches each,
-    averaged by sample count."""
+    merged robustly (`shared.aggregate.robust_scores`, weighted by bounded sample counts)."""
     blob = codec.encode(model.state_dict())
 
     def build(node: int) -> RecordDict:
@@ -58,7 +58,8 @@ def pooled_bn(
     build = lambda node: RecordDict({p.PAYLOAD: payload})  # noqa: E731
     layout = bn_stats_layout(model)  # a BN blob decodes to this layout only (bounded before allocating)
     _, got = ctx.fleet.round(clients, p.BN, build, ctx.draws(Draw.BN, t), lambda r: replies.check_bn(r, len(masks), layout))
-    pooled = [pool_stats(clip_bn_stats([r.decoded[i] for r in got])) for i in range(len(masks))]
+    weights = [r.weight for r in got]
+    pooled = [pool_stats(clip_bn_stats([r.decoded[i] for r in got], weights=weights)) for i in range(len(masks))]
     return pooled, {r.node_id: r.num_examples for r in got}
 
 
@@ -72,8 +73,8 @@ def candidate_losses(ctx: RunState, pooled: list[BNStats], examples: dict[int, i
     )
     if not evals:
         raise RuntimeError("no client evaluated the candidates (see client errors above)")
-    counts = [r.num_examples for r in evals]
-    return [robust_mean_loss([r.decoded[i] for r in evals], counts) for i in range(len(pooled))]
+    counts, weights = [r.num_examples for r in evals], [r.weight for r in evals]
+    return [robust_mean_loss([r.decoded[i] for r in evals], counts, weights) for i in range(len(pooled))]
 
 
 def held_out_loss(ctx: RunState, gm: GlobalModel, nodes: list[int]) -> float:
@@ -82,4 +83,4 @@ def held_out_loss(ctx: RunState, gm: GlobalModel, nodes: list[int]) -> float:
     got = ctx.fleet.accepted(sent, p.EVALUATE, replies.check_evaluate)
     if not got:
         return math.nan
-    return robust_mean_loss([r.decoded[0] * r.num_examples for r in got], [r.num_examples for r in got])
+    return robust_mean_loss([r.decoded[0] for r in got], [1] * len(got), [r.weight for r in got])

@@ -17,7 +17,7 @@ from server.context import RunState
 from server.fleet import config_record
 from server.replies import error_line
 from shared import codec, protocol as p
-from shared.aggregate import clip_update, screen_updates
+from shared.aggregate import clip_update, non_finite, screen_updates
 from shared.batchnorm import RUNNING_VAR
 from shared.draws import Draw
 from shared.global_model import GlobalModel
@@ -100,7 +100,10 @@ def training_round(ctx: RunState, method: Method, gm: GlobalModel, t: int, extra
                    stream: Draw = Draw.TRAIN, reference: bool = True) -> list[Reply]:
     """One round of masked training with the method's `extra` config, on the clients `stream` draws
     for round t; the global state is replaced by the method's aggregate of the accepted replies,
-    which are returned. `reference=False` leaves the round out of the dense FedAvg reference's bytes."""
+    which are returned. An aggregate with a non-finite value (which no accepted reply can cause
+    through the built-in aggregators, but a user's aggregator or method might) is discarded, logged,
+    and the previous model kept; no reply is returned then, so the method's `after_round` changes
+    nothing. `reference=False` leaves the round out of the dense FedAvg reference's bytes."""
     k = ctx.config.fl.clients_per_round
     failing = failing_nodes(ctx, t, ctx.fleet.nodes)
     sampled, replies = ctx.fleet.round(
@@ -118,7 +121,11 @@ def training_round(ctx: RunState, method: Method, gm: GlobalModel, t: int, extra
         if reason:
             ctx.fleet.reject(r.node_id, p.TRAIN, reason)
     replies = [r for r in replies if r.decoded is not None]
-    gm.state = method.aggregate(ctx, gm, replies)
     if reference:
         ctx.dense_traffic(len(sampled), len(replies), gm.dense_bytes())
+    state = method.aggregate(ctx, gm, replies)
+    if (bad := non_finite(state)) is not None:
+        ctx.note(f"round {t}: aggregate discarded, the previous model kept (non-finite values in {bad})")
+        return []
+    gm.state = state
     return replies

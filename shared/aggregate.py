@@ -11,16 +11,18 @@ besides FedAvg.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, Sequence
 
 import torch
 
-from shared.pruning import average_scores
-from shared.pruning.prune_grow import MIN_CLIENTS_TO_CLIP, median_peak
 from shared.registry import Registry
 
 Tensors = dict[str, torch.Tensor]
+# A median bounds one client only where the others are a majority: robust clipping and trimming
+# start at three clients; with fewer, the plain (sample-weighted) values are used.
+MIN_CLIENTS_TO_CLIP = 3
 
 
 def weighted_average(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors | None = None) -> Tensors:
@@ -39,27 +41,45 @@ AGGREGATORS: Registry = Registry("aggregator", allow_import=True)
 
 @AGGREGATORS.register("mean")
 def mean(values: Sequence[torch.Tensor], weights: Sequence[float], trim_fraction: float) -> torch.Tensor:
-    """Sample-weighted mean (FedAvg)."""
-    total = float(sum(weights))
+    """Sample-weighted mean (FedAvg), the weights normalised first (`normalised`: no overflow)."""
     value = torch.zeros_like(values[0])
-    for v, w in zip(values, weights):
-        value += v * (w / total)
+    for v, w in zip(values, normalised(weights)):
+        value += v * w
     return value
 
 
 @AGGREGATORS.register("trimmed-mean")
 def trimmed_mean(values: Sequence[torch.Tensor], weights: Sequence[float], trim_fraction: float) -> torch.Tensor:
     """Per coordinate, the sample-weighted mean of the client values ranked k .. n-1-k,
-    k = max(1, trim_fraction x n) from 4 clients on (all below 4 clients)."""
+    k = `trim_count(n, trim_fraction)`: at least one value per side from 3 clients on (with 3, the
+    median), so one client of three cannot move a coordinate outside the honest two's range."""
     stacked = torch.stack(list(values))
     n = stacked.shape[0]
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float64).reshape(-1, *[1] * (stacked.dim() - 1))
-    if n < 4:
-        return (stacked * w).sum(0) / w.sum()
-    k = max(1, int(math.floor(trim_fraction * n)))
+    w = torch.tensor(normalised(weights), dtype=torch.float64).reshape(-1, *[1] * (stacked.dim() - 1))
+    k = trim_count(n, trim_fraction)
     rank = stacked.argsort(0).argsort(0)
     keep = ((rank >= k) & (rank <= n - 1 - k)).double() * w
     return (stacked * keep).sum(0) / keep.sum(0)
+
+
+def trim_count(n: int, trim_fraction: float) -> int:
+    """Values left out at each end of n: max(1, floor(trim_fraction x n)) while at least one stays
+    (so 1 from 3 clients on), 0 below 3 clients, where trimming would leave nothing to average."""
+    if n < MIN_CLIENTS_TO_CLIP:
+        return 0
+    return min(max(1, int(math.floor(trim_fraction * n))), (n - 1) // 2)
+
+
+def normalised(weights: Sequence[float]) -> list[float]:
+    """Weights scaled to sum to 1, computed in float64 after dividing by the largest, so no finite
+    input (1.8e308 included) overflows; all-zero or non-finite weights give equal ones."""
+    w = [float(x) for x in weights]
+    top = max(w, default=0.0)
+    if not (math.isfinite(top) and top > 0 and all(math.isfinite(x) and x >= 0 for x in w)):
+        return [1.0 / len(w)] * len(w) if w else []
+    scaled = [x / top for x in w]
+    total = sum(scaled)
+    return [x / total for x in scaled]
 
 
 @AGGREGATORS.register("median")
@@ -76,11 +96,16 @@ def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors 
     (per coordinate), or a trusted `package.module:fn`. Integer buffers take the maximum; with masks,
     pruned positions stay exactly zero.
 
-    Why trimmed by default: norm clipping bounds an update's length, not its direction, and one client
+    Why robust by default: norm clipping bounds an update's length, not its direction, and one client
     in ten that pushes every weight the same way ruins the model in three rounds even when clipped
     (measured: the `huge` attack of the drill). Clipping its values to the honest range per coordinate
-    (winsorizing) still biases every weight towards the honest maximum, which ruined it as well; left
-    out per coordinate, with the honest extreme on the other side, the mean stays unbiased."""
+    (winsorizing) still biases every weight towards the honest maximum, which ruined it as well.
+    Why the median (`fl.aggregator`'s default) rather than the trimmed mean: with 2 attackers among
+    20 clients, a round of 10 sometimes holds both, and a trimmed mean that leaves out one per side
+    keeps the second one's step, weighted by its count; in the drill's default job (seed 0), an
+    update sign-flipped and stretched to just under the clip threshold (x -9.9) took the trimmed
+    mean to 27.5 % accuracy (95.0 % with 2 left out per side) and the median to 96.4 % (honest:
+    97.8 % trimmed, 97.5 % median). The median ignores counts, so no claimed count moves it."""
     if not states:
         raise ValueError("nothing to aggregate")
     fn = AGGREGATORS.get(aggregator, trusted)
@@ -95,6 +120,11 @@ def combine(states: Sequence[Tensors], weights: Sequence[float], masks: Tensors 
         value = value.to(first.dtype)
         out[name] = value * masks[name] if masks and name in masks else value
     return out
+
+
+def non_finite(state: Tensors) -> str | None:
+    """The first float tensor of `state` holding NaN or Inf, or None when all are finite."""
+    return next((n for n, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
 
 
 def distance(reference: Tensors, update: Tensors) -> float:
@@ -140,18 +170,24 @@ def screen_updates(reference: Tensors, updates: Sequence[Tensors], clip_multiple
 
 
 def cap_weights(weights: Sequence[float], share: float) -> list[float]:
-    """Sample weights with none above `share` of their total (0: unchanged): the largest are lowered
-    to a common cap c with c = share x sum(min(w, c)) (water-filling), so the cap holds after capping."""
-    weights = [float(w) for w in weights]
-    if share <= 0 or share * len(weights) < 1:
-        return weights
-    cap = share * sum(weights)
-    for _ in range(100):
-        new = share * sum(min(w, cap) for w in weights)
-        if abs(new - cap) <= 1e-12 * cap:
+    """Sample weights, normalised to sum to 1 (`normalised`), with none above `share` (0: no cap;
+    never below 1/n, so a cap n weights cannot meet makes them equal). Exact water-filling: with the
+    weights in decreasing order, the m largest are lowered to c = share x rest / (1 - m x share),
+    rest the sum of the others, for the smallest m whose next weight is at most c; each capped
+    weight is then exactly `share` of the new total."""
+    w = normalised(weights)
+    if share <= 0 or not w:
+        return w
+    share = max(share, 1.0 / len(w))
+    ordered = sorted(w, reverse=True)
+    rests = list(itertools.accumulate(reversed(ordered)))[::-1]  # sums of the smallest ones: no cancellation
+    for m, (largest, rest) in enumerate(zip(ordered, rests)):
+        cap = share * rest / (1 - m * share)
+        if largest <= cap:
             break
-        cap = new
-    return [min(w, cap) for w in weights]
+    capped = [min(x, cap) for x in w]
+    total = sum(capped)
+    return [x / total for x in capped]
 
 
 def clip_to_mad(values: Sequence[float], k: float = 5.0) -> list[float]:
@@ -166,25 +202,37 @@ def clip_to_mad(values: Sequence[float], k: float = 5.0) -> list[float]:
     return [min(max(v, med - k * mad), med + k * mad) for v in values]
 
 
-def robust_mean_loss(loss_sums: Sequence[float], counts: Sequence[int]) -> float:
+def robust_mean_loss(loss_sums: Sequence[float], counts: Sequence[int], weights: Sequence[float] | None = None) -> float:
     """Pooled per-example loss of clients' (loss sum, examples), robust to one client in ten: each
-    client's mean loss is clipped to the median +- 5 MAD (`clip_to_mad`), then with 4 or more clients
-    the max(1, n // 10) highest and as many lowest are left out (trimmed), and the rest weighted by
-    examples. A client reporting 0 for one candidate and 1e30 for the others then changes nothing."""
+    client's mean loss is clipped to the median +- 5 MAD (`clip_to_mad`), then from 3 clients on the
+    `trim_count` highest and as many lowest are left out (trimmed), and the rest weighted by
+    `weights` (their bounded example counts; default `counts`). A client reporting 0 for one
+    candidate and 1e30 for the others then changes nothing, with 3 clients as with 10."""
     means = clip_to_mad([s / n for s, n in zip(loss_sums, counts)])
-    cut = max(1, len(means) // 10) if len(means) >= 4 else 0
+    w = normalised(counts if weights is None else weights)
+    cut = trim_count(len(means), 0.1)
     kept = sorted(range(len(means)), key=means.__getitem__)[cut : len(means) - cut]
-    return sum(means[i] * counts[i] for i in kept) / sum(counts[i] for i in kept)
+    return sum(means[i] * w[i] for i in kept) / sum(w[i] for i in kept)
 
 
-def clip_bn_stats(stats: Sequence[dict], k: float = 6.0) -> list[dict]:
+def clip_bn_stats(stats: Sequence[dict], k: float = 6.0, weights: Sequence[float] | None = None) -> list[dict]:
     """Clients' BN statistics of one candidate with every channel's mean clipped to the clients' median
     mean +- k standard deviations (the median variance) and its variance to at most k^2 times the
     median variance: one client cannot move the pooled statistics (and so every candidate's loss) far,
-    while honest clients, whose inputs share a distribution, are untouched."""
-    if len(stats) < MIN_CLIENTS_TO_CLIP:
-        return list(stats)
+    while honest clients, whose inputs share a distribution, are untouched.
+
+    With `weights` (the clients' bounded example counts), each client's count, the weight of its
+    statistics in `pool_stats`, becomes its weight times the median over clients of count per
+    weight (the layer's positions per example): a count claimed beyond what the client's bounded
+    examples give weighs no more than they do."""
     out = [dict(s) for s in stats]
+    if weights is not None and stats:
+        for name in stats[0]:
+            per = sorted(s[name][2] / w for s, w in zip(stats, weights))[(len(stats) - 1) // 2]
+            for s, w in zip(out, weights):
+                s[name] = (s[name][0], s[name][1], max(2, min(s[name][2], int(round(w * per)))))
+    if len(stats) < MIN_CLIENTS_TO_CLIP:
+        return out
     for name in stats[0]:
         means = torch.stack([s[name][0] for s in stats])
         variances = torch.stack([s[name][1] for s in stats])
@@ -197,17 +245,14 @@ def clip_bn_stats(stats: Sequence[dict], k: float = 6.0) -> list[dict]:
 
 
 def robust_scores(scores: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
-    """Sample-weighted mean of clients' importance scores (SNIP, PruneFL's squared gradients) after
-    clipping every client's scores of a layer to the median over clients of their largest |score|
-    there (`median_peak`): one client's scale cannot decide which weights a mask keeps."""
-    if len(scores) < MIN_CLIENTS_TO_CLIP:
-        return average_scores(scores, weights)
-    clipped = [dict(s) for s in scores]
-    for name in scores[0]:
-        bound = median_peak([s[name] for s in scores])
-        for s in clipped:
-            s[name] = s[name].clamp(-bound, bound)
-    return average_scores(clipped, weights)
+    """Clients' importance scores (SNIP, GraSP, PruneFL's squared gradients) merged per position by
+    the sample-weighted trimmed mean (`trimmed_mean`: from 3 clients on, at least the highest and
+    lowest client value of every position left out). One client in ten then cannot decide which
+    weights a mask keeps: its 1e30 at chosen positions, or its 0 elsewhere, is left out there, and
+    the merged score of every position stays within the honest clients' range."""
+    if not scores:
+        raise ValueError("robust_scores needs at least one client's scores")
+    return {n: trimmed_mean([s[n].double() for s in scores], weights, 0.1).to(scores[0][n].dtype) for n in scores[0]}
 
 
 def mask_weighted_average(states: Sequence[Tensors], masks: Sequence[Tensors], weights: Sequence[float]) -> Tensors:

@@ -64,8 +64,8 @@ def validate(c: Config) -> None:
           "must be 0 (off) or >= 1 (a multiple of the round's median update distance)")
     check(c.fl.reject_multiple == 0 or c.fl.reject_multiple >= max(1.0, c.fl.clip_multiple), "fl.reject_multiple",
           "must be 0 (off) or at least fl.clip_multiple (and >= 1)")
-    check(c.fl.max_weight_share == 0 or 1 / c.fl.clients_per_round <= c.fl.max_weight_share <= 1,
-          "fl.max_weight_share", "must be 0 (off) or in [1 / fl.clients_per_round, 1]")
+    check(0 <= c.fl.max_weight_share <= 1, "fl.max_weight_share",
+          "must be in [0, 1] (0: off; below 1 / the round's replies they weigh equally)")
     check(0 <= c.fl.trim_fraction < 0.5, "fl.trim_fraction", "must be in [0, 0.5)")
     check(c.warmup.epochs >= 0, "warmup.epochs", "must be >= 0")
     check(c.warmup.shots >= 1, "warmup.shots", "must be >= 1")

@@ -19,7 +19,8 @@ BUILTIN_METHODS = "shared.methods"  # importing this package registers the built
 FAIL_MODES = ("crash", "straggle")  # simulation.fail_mode
 MAX_WIDTH = 16.0  # model.width: 16x the channels is already ~256x the weights
 MAX_CPUS = 4096  # simulation.num_cpus: logical CPUs Ray may schedule on (spare actors for stragglers included)
-ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search")  # client.attacks
+ATTACKS = ("none", "scale", "huge", "bn-variance", "topk", "feddst", "evaluate", "search",
+           "flip", "flip-clip", "flip-reject")  # client.attacks
 TRACKING = ("tensorboard", "none")  # tracking: TensorBoard event files in the run's directory, or none
 
 
@@ -101,12 +102,12 @@ class FLConfig:
     sampling_seed: int = -1
     # Robust aggregation (shared.aggregate): each update's distance from the global model is clipped to
     # clip_multiple x the round's median distance (0: off); no client weighs more than max_weight_share of
-    # the round (0: off); aggregator trimmed-mean (per coordinate the extreme clients left out, the rest
-    # sample-weighted) | mean (FedAvg) | median (coordinate-wise).
+    # the round (0: off); aggregator median (coordinate-wise) | trimmed-mean (per coordinate the extreme
+    # clients left out, the rest sample-weighted) | mean (FedAvg).
     clip_multiple: float = 10.0
     reject_multiple: float = 100.0  # an update farther than this multiple of the round's median distance is rejected
-    max_weight_share: float = 0.0
-    aggregator: str = "trimmed-mean"
+    max_weight_share: float = 0.25
+    aggregator: str = "median"
     trim_fraction: float = 0.1  # trimmed-mean: the fraction of clients left out at each end per coordinate (at least 1)
 
 

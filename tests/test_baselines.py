@@ -45,7 +45,7 @@ def test_every_method_runs_and_ends_at_the_target_density(tmp_path, name):
 
 
 def test_snip_masks_come_from_the_example_weighted_mean_of_client_scores(tmp_path):
-    config = tiny_config(tmp_path, "snip.batches=1000")  # all local data: clients differ in size
+    config = tiny_config(tmp_path, "snip.batches=1000", "fl.max_weight_share=0")  # all local data: clients differ in size
     ctx = run_context(config, FakeGrid(config), tmp_path)
     seen = []
     exchange = ctx.fleet.exchange
@@ -117,7 +117,7 @@ def _reply(node, global_masks, state, masks, n):
 
 
 def test_feddst_averages_each_weight_over_the_clients_that_keep_it(tmp_path):
-    config = tiny_config(tmp_path, "method=feddst")
+    config = tiny_config(tmp_path, "method=feddst", "fl.max_weight_share=0")
     ctx = run_context(config, FakeGrid(config), tmp_path)
     method = METHODS.get("feddst")(ctx)
     method.readjusting = True

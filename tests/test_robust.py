@@ -16,7 +16,7 @@ from shared.aggregate import (
 from server.fleet import Fleet, Reply
 from shared import codec, protocol as p
 from shared.batchnorm import bn_stats_to_tensors, pool_stats
-from shared.pruning.prune_grow import clip_to_median_peak, merge_sparse
+from shared.pruning.prune_grow import merge_sparse, merge_topk
 from shared.pruning.topk import top_indices
 from simulations.inprocess import run_in_process
 
@@ -116,16 +116,15 @@ def test_adaptive_bounds_reject_a_far_outlier_clip_a_near_one_and_leave_honest_u
 def test_no_client_weighs_more_than_the_max_share():
     capped = cap_weights([10, 10, 10, 1e9], 0.4)
     assert max(capped) / sum(capped) == pytest.approx(0.4)
-    assert cap_weights([10, 20], 0.0) == [10, 20]
+    assert cap_weights([10, 20], 0.0) == pytest.approx([1 / 3, 2 / 3])
 
 
 def test_one_clients_huge_top_k_gradients_do_not_decide_growth():
     honest_positions = torch.tensor([10, 11, 12])
     parts = [(honest_positions, torch.tensor([1.0, 0.8, 0.6]) * (1 + 0.1 * c)) for c in range(9)]
     parts.append((torch.tensor([0, 1, 2]), torch.full((3,), 3e38)))  # the attacker's chosen positions
-    merged = merge_sparse(clip_to_median_peak(parts), (20,), len(parts))
-    assert sorted(top_indices(merged.abs(), 3).tolist()) == [10, 11, 12]
-    assert sorted(top_indices(merge_sparse(parts, (20,), len(parts)).abs(), 3).tolist()) == [0, 1, 2]  # unclipped: taken
+    assert sorted(top_indices(merge_topk(parts, torch.Size([20])).abs(), 3).tolist()) == [10, 11, 12]
+    assert sorted(top_indices(merge_sparse(parts, (20,), len(parts)).abs(), 3).tolist()) == [0, 1, 2]  # summed: taken
 
 
 def test_one_clients_huge_scores_do_not_decide_the_mask():
@@ -139,7 +138,7 @@ def test_below_three_clients_there_is_no_majority_so_nothing_is_clipped():
     honest, other = {"w": torch.tensor([3.0, 2.0, 1.0, 0.0])}, {"w": torch.tensor([0.0, 0.0, 0.0, 9.0])}
     assert robust_scores([honest, other], [10, 10])["w"].tolist() == [1.5, 1.0, 0.5, 4.5]
     parts = [(torch.tensor([0]), torch.tensor([1.0])), (torch.tensor([1]), torch.tensor([9.0]))]
-    assert clip_to_median_peak(parts) == parts and clip_to_median_peak([]) == []
+    assert merge_topk(parts, torch.Size([2])).tolist() == [0.5, 4.5]
     stats = [{"bn": (torch.full((2,), m, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 100)} for m in (0.0, 1e3)]
     assert clip_bn_stats(stats) == stats and clip_to_mad([2.3, 0.4]) == [2.3, 0.4]
 

@@ -47,10 +47,18 @@ class Reply:
     bytes_up: int
     decoded: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+    weight_cap: int | None = None  # the most this node's count may weigh (`server.fleet.Fleet.weight_cap`)
 
     @property
     def num_examples(self) -> int:
+        """The example count the client reported (checked: at most what its node holds)."""
         return int(self.content[p.METRICS][p.NUM_EXAMPLES])
+
+    @property
+    def weight(self) -> int:
+        """The count as a weight (FedAvg, pooled losses and statistics, federated accuracy): the
+        reported count bounded by `weight_cap`, a bound that does not come from this client alone."""
+        return self.num_examples if self.weight_cap is None else min(self.num_examples, self.weight_cap)
 
     def payload(self, key: str) -> Any:
         """A payload entry of the reply (codec bytes), or None when it sent none."""
@@ -81,7 +89,7 @@ class MethodContext(Protocol):
         """The prunable weights grouped in blocks, input side first."""
 
     def weights(self, replies: list[Reply]) -> list[float]:
-        """The replies' sample weights, capped at `fl.max_weight_share`."""
+        """The replies' sample weights (`Reply.weight`), normalised, none above `fl.max_weight_share`."""
 
     def evaluate_central(self, state: Tensors) -> EvalResult:
         """Loss and accuracy of a state on the central test set."""

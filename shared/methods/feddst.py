@@ -17,8 +17,9 @@ Learning Better", AAAI 2022, https://arxiv.org/abs/2112.09824. Here:
   its trained value; O(changes) extra bytes instead of a whole mask. FedDST checks them on its
   own before the round's aggregation (`check_reply`, `local_masks`), then averages each position over
   the clients that keep it (`shared.aggregate.mask_weighted_average`, sample-weighted) and re-derives the global mask:
-  per layer, the top nnz_l aggregated weights by magnitude, so layer counts and the density
-  stay exact.
+  per layer, the top nnz_l positions by robust aggregated magnitude (`selection_scores`: a trimmed
+  mean over clients, so one client cannot choose the grown positions), keeping layer counts and the
+  density exact.
 Other rounds are masked FedAvg. Client config keys: ``dst-fraction`` (alpha_t) and
 ``dst-batches`` (batches for the growth gradient), plus the shared training keys; settings
 `feddst.alpha`, `feddst.interval`, `feddst.batches`.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.aggregate import mask_weighted_average
+from shared.aggregate import mask_weighted_average, trimmed_mean
 from shared.global_model import GlobalModel
 from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJob
 from shared.methods.registry import register
@@ -121,6 +122,8 @@ def local_masks(global_masks: Tensors, state: Tensors, changes: dict, limits: di
             return f"layer {n}: {int(dropped.sum())} drops but {int((~dropped).sum())} grows"
         if limits is not None and int(dropped.sum()) > limits.get(n, 0):
             return f"layer {n}: {int(dropped.sum())} mask changes, more than the {limits.get(n, 0)} asked for"
+        if not bool(torch.isfinite(values).all()):
+            return f"layer {n}: non-finite values in the mask changes"
         if bounds is not None:
             values = values.clamp(-bounds[n], bounds[n])
         if bool((values[dropped] != 0).any()):
@@ -134,13 +137,22 @@ def local_masks(global_masks: Tensors, state: Tensors, changes: dict, limits: di
     return masks, out
 
 
-def global_masks_from(state: Tensors, client_masks: list[Tensors], counts: dict[str, int]) -> Tensors:
-    """Per layer, the `counts[n]` largest aggregated weights by magnitude among positions some client keeps."""
+def selection_scores(states: list[Tensors], client_masks: list[Tensors], weights: list[float]) -> Tensors:
+    """Per masked layer and position, the sample-weighted trimmed mean over clients of the client's
+    weight there, 0 where its mask drops it (`shared.aggregate.trimmed_mean`): the magnitude the new
+    global mask ranks by. From 3 clients on a position's highest and lowest value are left out, so a
+    position that only one client grows scores 0 and one client in ten cannot choose which grow,
+    where the paper's average over the clients that keep a position would give its value whole."""
+    return {n: trimmed_mean([s[n].double() * m[n] for s, m in zip(states, client_masks)], weights, 0.1)
+            for n in client_masks[0]}
+
+
+def global_masks_from(scores: Tensors, client_masks: list[Tensors], counts: dict[str, int]) -> Tensors:
+    """Per layer, the `counts[n]` largest |`scores`| (`selection_scores`) among positions some client keeps."""
     out = {}
     for n, k in counts.items():
         union = torch.stack([m[n] for m in client_masks]).any(0)
-        score = torch.where(union, state[n].abs().double(), torch.full_like(state[n], -torch.inf, dtype=torch.float64))
-        out[n] = keep_top(score, k)
+        out[n] = keep_top(torch.where(union, scores[n].abs().double(), torch.tensor(-torch.inf, dtype=torch.float64)), k)
     return out
 
 
@@ -154,6 +166,7 @@ class FedDST(Method):
         self.readjusting = False
         self.limits: dict[str, int] | None = None  # mask changes per layer a client may make this round
         self.client_masks: list[Tensors] = []  # the accepted clients' masks of a readjustment round
+        self.scores: Tensors = {}  # their robust magnitudes, which the new global mask keeps the top of
         self.t_end = max(1, ctx.config.fl.rounds // 2)
 
     def prepare(self, ctx: MethodContext) -> GlobalModel:
@@ -187,14 +200,15 @@ class FedDST(Method):
             return super().aggregate(ctx, gm, replies)
         bounds = grow_bounds(gm)
         local = [local_masks(gm.masks, r.decoded, r.extras[p.MASK_CHANGES], self.limits, bounds) for r in replies]
-        self.client_masks = [m for m, _ in local]
-        return mask_weighted_average([s for _, s in local], self.client_masks, ctx.weights(replies))
+        self.client_masks, states, weights = [m for m, _ in local], [s for _, s in local], ctx.weights(replies)
+        self.scores = selection_scores(states, self.client_masks, weights)
+        return mask_weighted_average(states, self.client_masks, weights)
 
     def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if not (self.readjusting and replies):
             return
         counts = {n: int(m.sum()) for n, m in gm.masks.items()}
-        changed = gm.set_masks(global_masks_from(gm.state, self.client_masks, counts))
+        changed = gm.set_masks(global_masks_from(self.scores, self.client_masks, counts))
         ctx.note(f"feddst: round {t} readjusted, {len(changed)} layers changed their global mask")
 
     def phase(self, t: int) -> str:

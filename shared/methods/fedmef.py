@@ -147,7 +147,7 @@ class FedMef(Method):
         if not self.pending or not replies:
             return
         parts = {n: [r.extras[p.TOPK][n][:2] for r in replies] for n in self.pending}
-        masks, weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending, len(replies))
+        masks, weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending)
         self.summary["changed"].append(sum(int((masks[n] & ~gm.masks[n]).sum()) for n in self.pending))
         gm.state.update(weights)
         gm.set_masks({**gm.masks, **masks})

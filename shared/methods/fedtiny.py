@@ -255,7 +255,7 @@ class FedTiny(Method):
     def adjust(self, gm: GlobalModel, replies: list[Reply]) -> None:
         """Merge the clients' top-k gradients of the adjusted block; prune and grow k_l weights per layer."""
         parts = {n: [r.extras[p.TOPK][n][:2] for r in replies] for n in self.pending}
-        masks, new_weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending, len(replies))
+        masks, new_weights = grow_from_client_topk(gm.state, gm.masks, parts, self.pending)
         gm.state.update(new_weights)
         gm.set_masks({**gm.masks, **masks})
         self.adjustments += 1

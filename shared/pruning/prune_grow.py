@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 
+from shared.aggregate import trimmed_mean
 from shared.pruning.topk import top_indices
 
 Masks = dict[str, Tensor]
@@ -101,29 +102,6 @@ def topk_pruned(grad: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return index, flat[index].clone()
 
 
-# A median bounds one client only where the others are a majority: robust clipping starts at three
-# clients; with fewer, the plain (sample-weighted) values are used.
-MIN_CLIENTS_TO_CLIP = 3
-
-
-def median_peak(values: Sequence[Tensor]) -> float:
-    """The (lower) median over clients of each client's largest |value| (0 for an empty one)."""
-    peaks = sorted(float(v.abs().max()) if v.numel() else 0.0 for v in values)
-    return peaks[(len(peaks) - 1) // 2]
-
-
-def clip_to_median_peak(parts: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """Clients' (index, value) parts with every |value| clipped to `median_peak` of the values: one
-    client's magnitude then counts at most as much as a typical client's strongest gradient, so
-    growth follows positions that several clients rank high rather than one client's scale (a
-    client sending 3e38 at chosen positions no longer decides them). Unchanged below
-    `MIN_CLIENTS_TO_CLIP` clients."""
-    if len(parts) < MIN_CLIENTS_TO_CLIP:
-        return list(parts)
-    bound = median_peak([v for _, v in parts])
-    return [(i, v.clamp(-bound, bound)) for i, v in parts]
-
-
 def merge_sparse(parts: Sequence[tuple[Tensor, Tensor]], shape: Sequence[int] | torch.Size, num_clients: int) -> Tensor:
     """Dense tensor of `shape`: client (index, value) parts summed over the union of indices,
     divided by `num_clients` (positions a client did not send count as zero for it)."""
@@ -145,12 +123,22 @@ def merge_sparse(parts: Sequence[tuple[Tensor, Tensor]], shape: Sequence[int] | 
     return (out / num_clients).reshape(tuple(int(s) for s in shape))
 
 
+def merge_topk(parts: Sequence[tuple[Tensor, Tensor]], shape: Sequence[int] | torch.Size) -> Tensor:
+    """Clients' top-k (index, gradient) parts merged per position by the unweighted trimmed mean over
+    clients, a position a client did not send counting as 0 for it (FedTiny's server sums them,
+    arXiv 2212.01977; `shared.aggregate.trimmed_mean`). From 3 clients on, every position's highest
+    and lowest value are left out, so a position only one client sends merges to 0 and one client
+    in ten cannot choose which positions grow, however large its values."""
+    dense = [merge_sparse([part], shape, 1).double() for part in parts]
+    return trimmed_mean(dense, [1.0] * len(dense), 0.1).float()
+
+
 def grow_from_client_topk(
     weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], parts: Mapping[str, Sequence[tuple[Tensor, Tensor]]],
-    counts: Mapping[str, int], senders: int,
+    counts: Mapping[str, int],
 ) -> tuple[Masks, dict[str, Tensor]]:
     """The server's prune/grow from clients' top-k gradients (FedTiny, FedMef): per layer named in
-    `counts`, the clients' (index, value) parts clipped (`clip_to_median_peak`) and merged over the
-    `senders` (`merge_sparse`), then RigL's step of k_l swaps. Returns the layers' (masks, weights)."""
-    grads = {n: merge_sparse(clip_to_median_peak(parts[n]), weights[n].shape, senders) for n in counts}
+    `counts`, the clients' (index, value) parts merged robustly (`merge_topk`), then RigL's step of
+    k_l swaps. Returns the layers' (masks, weights)."""
+    grads = {n: merge_topk(parts[n], weights[n].shape) for n in counts}
     return RIGL.update({n: weights[n] for n in counts}, {n: masks[n] for n in counts}, grads, counts)
