@@ -21,7 +21,7 @@ from server.fleet import Fleet, Reply
 from shared.global_model import GlobalModel
 from shared.aggregate import clip_update
 from server.rounds import check_update
-from shared.methods.fedtiny import check_topk
+from shared.methods.topk_gradients import check_topk
 from shared import codec, protocol as p
 
 

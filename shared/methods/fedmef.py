@@ -43,8 +43,8 @@ import torch
 from shared import protocol as p
 from shared.global_model import GlobalModel
 from shared.methods.api import Method, MethodContext, Reply, TrainJob
-from shared.methods.fedtiny import FedTinyClient, check_topk
 from shared.methods.registry import register
+from shared.methods.topk_gradients import TopkGradientClient, accept_topk
 from shared.pruning.params import prunable_names
 from shared.pruning.prune_grow import grow_from_client_topk
 from shared.pruning.schedule import adjust_counts, cosine_fraction, is_adjust_round
@@ -72,7 +72,7 @@ class FedMefSettings:
         check(0.0 <= self.sap_gamma < 1.0, "fedmef.sap_gamma", "must be in [0, 1)")
 
 
-class FedMefClient(FedTinyClient):
+class FedMefClient(TopkGradientClient):
     """BaE's gradient on the weights about to be pruned, optional SAP, and FedTiny's top-k gradients."""
 
     def before_training(self, job: TrainJob) -> None:
@@ -134,13 +134,8 @@ class FedMef(Method):
         return out
 
     def check_reply(self, ctx: MethodContext, gm: GlobalModel, reply: Reply) -> str | None:
-        """In adjustment rounds, the client's top-k gradients of every adjusted layer (FedTiny's `check_topk`)."""
-        if not self.pending:
-            return None
-        sparse, reason = check_topk(reply, gm, self.pending)
-        if reason is None:
-            reply.extras[p.TOPK] = sparse
-        return reason
+        """In adjustment rounds, the client's top-k gradients of every adjusted layer (`accept_topk`)."""
+        return accept_topk(reply, gm, self.pending)
 
     def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         """Prune the k_l smallest active weights and grow the k_l largest merged client gradients (at 0)."""

@@ -39,8 +39,8 @@ from shared.draws import Draw, seed_sequence
 from shared.global_model import GlobalModel
 from shared.methods.api import Method, MethodContext, Reply, TrainJob
 from shared.methods.fedmef import nonzero_counts
-from shared.methods.fedtiny import FedTinyClient
 from shared.methods.registry import register
+from shared.methods.topk_gradients import TopkGradientClient
 from shared.pruning.schedule import adjust_counts, cosine_fraction, is_adjust_round
 from shared.sparse_training.thompson import active_reward, inactive_reward, observe, sample_mask
 from shared.training import TrainResult
@@ -64,7 +64,7 @@ class FedRTSSettings:
         check(self.c > 0.0, "fedrts.c", "must be > 0")
 
 
-class FedRTSClient(FedTinyClient):
+class FedRTSClient(TopkGradientClient):
     """FedTiny's top-k gradients of pruned positions, sent as indices only."""
 
     def after_training(self, job: TrainJob, result: TrainResult) -> dict[str, bytes]:

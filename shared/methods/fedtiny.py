@@ -31,18 +31,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared import codec, protocol as p
+from shared import protocol as p
 from shared.batchnorm import load_stats, running_stat_names
 from shared.config_checks import resolve
 from shared.draws import Draw
 from shared.global_model import GlobalModel
-from shared.methods.api import ClientHalf, Method, MethodContext, Reply, TrainJob
+from shared.methods.api import Method, MethodContext, Reply
 from shared.methods.registry import register
+from shared.methods.topk_gradients import TopkGradientClient, accept_topk
 from shared.pruning import ALLOCATIONS, SCORES, compute_masks, masks_from_scores
 from shared.pruning.scores import needs_data
 from shared.pruning.prune_grow import grow_from_client_topk
 from shared.pruning.schedule import adjust_counts, block_for_adjustment, cosine_fraction, is_adjust_round
-from shared.training import TrainResult
 
 Tensors = dict[str, torch.Tensor]
 
@@ -186,25 +186,10 @@ def search(ctx: MethodContext, model: torch.nn.Module, s: FedTinySettings,
     return best, candidates
 
 
-class FedTinyClient(ClientHalf):
-    """Top-k gradients of the adjusted block's pruned positions, summed over the last local epoch."""
-
-    def grad_layers(self, job: TrainJob) -> dict[str, int] | None:
-        names = list(job.config.get(p.ADJUST_NAMES, []))
-        return dict(zip(names, (int(k) for k in job.config.get(p.ADJUST_K, [])), strict=True)) or None
-
-    def after_training(self, job: TrainJob, result: TrainResult) -> dict[str, bytes]:
-        if not result.topk:
-            return {}
-        params = dict(job.model.named_parameters())
-        parts = {n: (idx, val, tuple(params[n].shape)) for n, (idx, val) in result.topk.items()}
-        return {p.TOPK: codec.encode_sparse(parts)}
-
-
 @register("fedtiny")
 class FedTiny(Method):
     Settings = FedTinySettings
-    client = FedTinyClient()
+    client = TopkGradientClient()
 
     def __init__(self, ctx: MethodContext) -> None:
         super().__init__(ctx)
@@ -238,13 +223,8 @@ class FedTiny(Method):
         return {p.ADJUST_NAMES: list(self.pending), p.ADJUST_K: list(self.pending.values())}
 
     def check_reply(self, ctx: MethodContext, gm: GlobalModel, reply: Reply) -> str | None:
-        """In adjustment rounds, the client's top-k gradients of the adjusted block (`check_topk`)."""
-        if not self.pending:
-            return None
-        sparse, reason = check_topk(reply, gm, self.pending)
-        if reason is None:
-            reply.extras[p.TOPK] = sparse
-        return reason
+        """In adjustment rounds, the client's top-k gradients of the adjusted block (`accept_topk`)."""
+        return accept_topk(reply, gm, self.pending)
 
     def after_round(self, ctx: MethodContext, gm: GlobalModel, t: int, replies: list[Reply]) -> None:
         if self.pending and replies:
@@ -286,27 +266,3 @@ class FedTiny(Method):
         super().load_state_dict(state)
         self.adjustments = state["adjustments"]
         self.blocks = state["blocks"]
-
-
-def check_topk(reply: Reply, gm: GlobalModel, pending: dict[str, int]) -> tuple[dict, str | None]:
-    """A client's top-k gradients, or the reason they are rejected (not merged)."""
-    blob = reply.payload(p.TOPK)
-    if blob is None:
-        return {}, "no top-k gradients for the adjusted block"
-    try:
-        sparse = codec.decode_sparse(blob, max_bytes=16 * sum(pending.values()) + 65536,
-                                     expected={n: tuple(gm.masks[n].shape) for n in pending})
-    except ValueError as exc:
-        return {}, f"undecodable top-k gradients ({exc})"
-    if set(sparse) != set(pending):
-        return {}, f"top-k layers {sorted(sparse)} are not the adjusted block {sorted(pending)}"
-    for name, (idx, val, shape) in sparse.items():
-        if tuple(shape) != tuple(gm.masks[name].shape):
-            return {}, f"top-k shape of {name} is {tuple(shape)}, expected {tuple(gm.masks[name].shape)}"
-        if len(idx) > pending[name]:
-            return {}, f"{len(idx)} top-k entries for {name}, more than k={pending[name]}"
-        if gm.masks[name].flatten()[idx].any():
-            return {}, f"top-k indices of {name} include active positions"
-        if not torch.isfinite(val).all():
-            return {}, f"non-finite top-k values in {name}"
-    return sparse, None
