@@ -8,7 +8,6 @@ from typing import Any
 
 from shared.bounds import check_bounds
 from shared.config_schema import ATTACKS, FAIL_MODES, MAX_CPUS, MAX_WIDTH, METHOD_NAMES, TRACKING, Config, ConfigError
-from shared.partition import min_client_size
 
 
 def _floats(c: Config):
@@ -41,6 +40,8 @@ def validate(c: Config) -> None:
     check(0.0 < c.dataset.test_fraction < 1.0, "dataset.test_fraction", "must be in (0, 1)")
     c.dataset.synthetic.validate(c, check)
     if c.dataset.name == "synthetic":
+        from shared.partition import min_client_size  # torch: only for a config that needs it
+
         need = min_client_size(c.dataset.holdout)
         check(need <= c.dataset.synthetic.min_samples, "dataset.synthetic.min_samples",
               f"must be at least {need} (2 to train and 2 held out at dataset.holdout={c.dataset.holdout:g})")

@@ -35,7 +35,7 @@ class SyntheticConfig:
     alpha: float = 1.0  # how much the clients' models differ (std of u_k)
     beta: float = 1.0  # how much the clients' inputs differ (std of B_k)
     dimension: int = 60  # features per sample
-    classes: int = 10
+    classes: int = 10  # labels (the softmax regression's outputs)
     min_samples: int = 50  # a client's samples: a power law from min_samples, P(n >= m) = (m / min_samples)^-power,
     max_samples: int = 1000  # truncated at max_samples
     power: float = 1.5

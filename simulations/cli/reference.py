@@ -87,11 +87,17 @@ def table(prefix: str, cls: type, fallback: dict[str, str]) -> list[str]:
 
 
 def _section(title: str, prefix: str, cls: type, fallback: dict[str, str]) -> list[str]:
+    """One dataclass's table, then a section for each dataclass nested in it (e.g. `dataset.synthetic`)."""
     doc = inspect.getdoc(cls) or ""
     lines = ["", f"## {title}", ""]
     if doc and not doc.startswith(cls.__name__ + "("):  # a dataclass without a docstring gets its signature
         lines += [" ".join(doc.split()), ""]
-    return lines + table(prefix, cls, fallback)
+    lines += table(prefix, cls, fallback)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _section(f"`{prefix}{f.name}`", f"{prefix}{f.name}.", hints[f.name], fallback)
+    return lines
 
 
 def reference() -> str:
