@@ -159,7 +159,7 @@ def test_one_clients_loss_cannot_pick_or_sink_a_candidate():
         assert 2.29 <= robust_mean_loss([h * 10 for h in honest] + [lie * 10], counts) <= 2.31
 
 
-@pytest.mark.parametrize("attack", ["scale", "huge", "bn-variance", "topk", "evaluate", "search"])
+@pytest.mark.parametrize("attack", ["scale", "huge", "bn-variance", "topk", "evaluate", "search", "flip", "flip-reject"])
 def test_a_run_with_an_attacker_completes_with_a_finite_model(tmp_path, attack):
     config = tiny_config(tmp_path, "fl.rounds=2", "fl.clients_per_round=4", "fedtiny.search_clients=4",  # all sampled
                          f"simulation.attack={attack}", "simulation.attack_fraction=0.25")
